@@ -166,10 +166,11 @@ def test_llm_tokenizer_round_trip_and_padding(loaded):
     assert batch["attention_mask"][0, pad_column] == 0
 
 
-def test_qformer_tokenizer(loaded):
-    kind, _, model, processor = loaded
-    if not kind.startswith("instructblip"):
-        pytest.skip("BLIP-2 has no Q-Former text input")
+@pytest.mark.parametrize("kind", [k for k in KINDS if k.startswith("instructblip")])
+def test_qformer_tokenizer(kind, tmp_path):
+    folder = build_tiny_checkpoint(kind, tmp_path / kind)
+    model = _model_class(kind).from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
     tokenizer = processor.qformer_tokenizer
     assert len(tokenizer) == model.config.qformer_config.vocab_size
     assert tokenizer.pad_token_id == 0
@@ -195,7 +196,7 @@ def test_weights_are_random_and_nontrivial(checkpoint):
             if "norm" in key.lower() and key.endswith("weight"):
                 assert (tensor.mean() - 1).abs() < 0.05, key  # norm gains stay near 1
             else:
-                assert tensor.abs().mean() < 0.05, key
+                assert tensor.abs().mean() < 0.5, key  # std 0.02 or 1/sqrt(fan_in)
 
 
 def test_deterministic_per_seed(tmp_path):
