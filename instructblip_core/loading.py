@@ -98,11 +98,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def tensor_dtype(name: str, config: InstructBlipConfig, dtype: torch.dtype) -> torch.dtype:
+def quantized_llm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Compute dtype of an 8/4-bit LLM: bitsandbytes works in 16 bits (fp32 inputs are cast to fp16)."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def tensor_dtype(name: str, config: InstructBlipConfig, dtype: torch.dtype, llm_dtype: torch.dtype) -> torch.dtype:
     """As transformers keeps them: the query tokens in fp32 always, a BLIP-2 Q-Former in fp32."""
     if name == "query_tokens" or (config.model_type == BLIP2 and name.startswith("qformer.")):
         return torch.float32
-    return dtype
+    return llm_dtype if name.startswith("language_model.") else dtype
 
 
 # ---- building the model ------------------------------------------------------------------
@@ -112,7 +117,7 @@ def build_empty_model(config: InstructBlipConfig) -> InstructBlipForConditionalG
         return InstructBlipForConditionalGeneration(config)
 
 
-def load_weights(model, files: list[Path], dtype: torch.dtype, device: torch.device) -> None:
+def load_weights(model, files: list[Path], dtype: torch.dtype, device: torch.device, llm_dtype: torch.dtype | None = None) -> None:
     # remove_duplicate=False: a weight the LLM ties at construction (T5's lm_head) may still be
     # stored separately in the checkpoint (Flan-T5 unties it), and must be accepted then.
     expected = dict(model.named_parameters(remove_duplicate=False))
@@ -124,8 +129,9 @@ def load_weights(model, files: list[Path], dtype: torch.dtype, device: torch.dev
             continue
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(expected[name].shape)}")
-        value = tensor.to(tensor_dtype(name, model.config, dtype)) if tensor.is_floating_point() else tensor
-        set_module_tensor_to_device(model, name, device, value=value)
+        target = tensor_dtype(name, model.config, dtype, llm_dtype or dtype)
+        value = tensor.to(target) if tensor.is_floating_point() else tensor
+        set_module_tensor_to_device(model, name, device, value=value, dtype=value.dtype)
         loaded.add(name)
     if unexpected:
         raise CheckpointError(f"checkpoint has {len(unexpected)} key(s) this model does not: {unexpected[:10]}")
@@ -153,8 +159,8 @@ def load_pretrained(
     """Load an InstructBLIP or BLIP-2 checkpoint (hub id or folder) with its processor.
 
     dtype: float dtype of the weights (default fp32 on CPU, bf16/fp16 on GPU). With 8-bit or
-    4-bit, the LLM's linear layers are quantised by bitsandbytes and `dtype` is their compute
-    dtype; the vision encoder and Q-Former stay in `dtype`.
+    4-bit, the LLM's linear layers are quantised by bitsandbytes and the rest of the LLM computes
+    in 16 bits (`dtype` if it is fp16/bf16, else fp16); the vision encoder and Q-Former stay in `dtype`.
     Returns an `InstructBlip` (model + processor) in eval mode.
     """
     from .pipeline import InstructBlip
@@ -169,10 +175,11 @@ def load_pretrained(
     config = InstructBlipConfig.from_json_file(folder / "config.json")
     model = build_empty_model(config)
     bits = 8 if load_in_8bit else 4 if load_in_4bit else None
+    llm_dtype = quantized_llm_dtype(dtype) if bits else dtype
     # bitsandbytes quantises when a CPU tensor moves to the target device, so the LLM waits on the CPU.
-    load_weights(model, weight_files(folder), dtype, torch.device("cpu") if bits else device)
+    load_weights(model, weight_files(folder), dtype, torch.device("cpu") if bits else device, llm_dtype)
     if bits:
-        quantize_linear_layers(model.language_model, bits, dtype, device)
+        quantize_linear_layers(model.language_model, bits, llm_dtype, device)
         model.to(device)
     model.eval()
     processor = Processor.from_folder(
