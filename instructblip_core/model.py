@@ -116,12 +116,34 @@ class InstructBlipForConditionalGeneration(nn.Module):
         ones = torch.ones(visual.shape[:2], dtype=attention_mask.dtype, device=text.device)
         return torch.cat([visual, text], dim=1), torch.cat([ones, attention_mask.to(text.device)], dim=1)
 
-    def _image_embeds(self, pixel_values, image_embeds):
+    def visual_prompt(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Steps 1-3 for images (B, 3, H, W) or videos (B, F, 3, H, W) -> soft prompt (B, F*Q, C_llm).
+
+        Video, as in the paper: every frame goes through the image encoder and the Q-Former with
+        the same instruction; the frames' query outputs are concatenated (no temporal embedding).
+        `image_embeds` may be given instead of pixels: (B, N, Cv) or (B, F, N, Cv).
+        """
         if image_embeds is None:
             if pixel_values is None:
                 raise ValueError("pass pixel_values or precomputed image_embeds")
-            image_embeds = self.encode_images(pixel_values)
-        return image_embeds
+            frames = pixel_values.shape[1] if pixel_values.dim() == 5 else 1
+            image_embeds = self.encode_images(pixel_values.flatten(0, 1) if pixel_values.dim() == 5 else pixel_values)
+        else:
+            frames = image_embeds.shape[1] if image_embeds.dim() == 4 else 1
+            if image_embeds.dim() == 4:
+                image_embeds = image_embeds.flatten(0, 1)  # (B*F, N, Cv)
+        if frames > 1 and qformer_input_ids is not None:
+            qformer_input_ids = qformer_input_ids.repeat_interleave(frames, dim=0)  # (B*F, Tq)
+            if qformer_attention_mask is not None:
+                qformer_attention_mask = qformer_attention_mask.repeat_interleave(frames, dim=0)
+        visual = self.visual_features(image_embeds, qformer_input_ids, qformer_attention_mask).language_inputs  # (B*F, Q, C)
+        return visual.reshape(-1, frames * visual.shape[1], visual.shape[2])  # (B, F*Q, C)
 
     def forward(
         self,
@@ -134,14 +156,16 @@ class InstructBlipForConditionalGeneration(nn.Module):
         decoder_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        visual: torch.Tensor | None = None,
     ) -> ModelOutput:
         """
+        pixel_values: (B, 3, H, W), or (B, F, 3, H, W) for F video frames.
         input_ids (B, T): the LLM prompt (decoder-only: prompt + answer; encoder-decoder: encoder text).
         labels: decoder-only (B, T) aligned with input_ids, IGNORE_INDEX where no loss is wanted;
                 encoder-decoder (B, T_dec), the target text.
         """
-        image_embeds = self._image_embeds(pixel_values, image_embeds)  # (B, N+1, Cv)
-        visual = self.visual_features(image_embeds, qformer_input_ids, qformer_attention_mask).language_inputs
+        if visual is None:  # else: the soft prompt was computed already (cached, or shared by candidates)
+            visual = self.visual_prompt(pixel_values, qformer_input_ids, qformer_attention_mask, image_embeds)  # (B, Q, C)
         inputs_embeds, mask = self.embed_with_visual_prompt(visual, input_ids, attention_mask)  # (B, Q+T, C)
         if self.is_encoder_decoder:
             out = self.language_model(
@@ -184,8 +208,7 @@ class InstructBlipForConditionalGeneration(nn.Module):
         may be passed precomputed (e.g. cached across chat turns).
         """
         if visual is None:
-            image_embeds = self._image_embeds(pixel_values, image_embeds)
-            visual = self.visual_features(image_embeds, qformer_input_ids, qformer_attention_mask).language_inputs
+            visual = self.visual_prompt(pixel_values, qformer_input_ids, qformer_attention_mask, image_embeds)
         inputs_embeds, mask = self.embed_with_visual_prompt(visual, input_ids, attention_mask)
         inputs = {"inputs_embeds": inputs_embeds, "attention_mask": mask}
         if self.is_encoder_decoder:

@@ -2,20 +2,34 @@
 
     model = load_pretrained("Salesforce/instructblip-flan-t5-xl")
     model.generate(image, "What is unusual about this image?", num_beams=5)
+    for piece in model.stream(image, "Describe the picture.", stop=event): ...
+    model.rank_candidates(image, "Question: what colour is it? Answer:", ["red", "blue"])
 
-The network (`model.model`) keeps a tensor-only API for training (`model.model(**batch)`).
+Images: one entry per prompt, each an image (path, bytes, PIL, array) or, for a video, a
+list of frames (`video.sample_frames` makes one). A single entry is shared by all prompts.
+The image encoder's output is cached per image content (`feature_cache`), so later questions
+and retries about the same image skip it. The network (`model.model`) keeps a tensor-only
+API for training (`model.model(**batch)`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from functools import partial
 
 import torch
+from transformers import StoppingCriteriaList
 
+from .features import FeatureCache
 from .generation import GenerationOptions
 from .model import InstructBlipForConditionalGeneration
 from .processing import Processor
+from .ranking import CandidateScores, score_candidates
+from .streaming import StopOnEvent, stream_generate
+
+DEFAULT_CACHE_ENTRIES = 32
 
 
 def _as_list(x) -> list:
@@ -23,10 +37,17 @@ def _as_list(x) -> list:
 
 
 class InstructBlip:
-    def __init__(self, model: InstructBlipForConditionalGeneration, processor: Processor, source: str = ""):
+    def __init__(
+        self,
+        model: InstructBlipForConditionalGeneration,
+        processor: Processor,
+        source: str = "",
+        feature_cache: FeatureCache | None = None,
+    ):
         self.model = model
         self.processor = processor
         self.source = source  # hub id or folder it was loaded from, for logs and the UI
+        self.feature_cache = feature_cache if feature_cache is not None else FeatureCache(DEFAULT_CACHE_ENTRIES)
 
     @property
     def config(self):
@@ -40,11 +61,18 @@ class InstructBlip:
     def dtype(self) -> torch.dtype:
         return self.model.language_projection.weight.dtype
 
+    @property
+    def context_length(self) -> int:
+        """Tokens the LLM reads at most (visual tokens included)."""
+        text = self.config.text_config
+        return int(getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 512)
+
     def __call__(self, **batch):
         return self.model(**batch)
 
     def to(self, *args, **kwargs) -> "InstructBlip":
         self.model.to(*args, **kwargs)
+        self.feature_cache.clear()
         return self
 
     def save_pretrained(self, folder: str | os.PathLike):
@@ -54,20 +82,40 @@ class InstructBlip:
 
     # ---- inputs ---------------------------------------------------------------------------
     def prepare(self, images, prompts: Sequence[str] | str, instructions=None) -> dict[str, torch.Tensor]:
-        """One image per prompt (a single image is shared by all prompts) -> tensors on device."""
+        """Tensors on the model's device; see the module docstring for `images`."""
         prompts = _as_list(prompts)
-        images = _as_list(images)
         if not prompts:
             raise ValueError("no prompt given")
+        if isinstance(images, (list, tuple)) and len(prompts) == 1 and len(images) > 1:
+            prompts = prompts * len(images)  # several images, one question each
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
         if len(images) == 1 and len(prompts) > 1:
             images = images * len(prompts)
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+        if instructions is not None:
+            instructions = _as_list(instructions)
         batch = self.processor(images, prompts, instructions)
         pixel_dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
         return {
             k: v.to(self.device, pixel_dtype) if k == "pixel_values" else v.to(self.device) for k, v in batch.items()
         }
+
+    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(b, 3, H, W) -> (b, N, Cv), or clips (b, F, 3, H, W) -> (b, F, N, Cv)."""
+        if pixel_values.dim() == 5:
+            return self.model.encode_images(pixel_values.flatten(0, 1)).unflatten(0, pixel_values.shape[:2])
+        return self.model.encode_images(pixel_values)
+
+    @torch.no_grad()
+    def visual_prompt(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Soft visual prompt (B, F*Q, C_llm), the image encoder's part served from the cache."""
+        image_embeds = self.feature_cache.get_or_compute(batch["pixel_values"], self._encode)
+        return self.model.visual_prompt(
+            image_embeds=image_embeds,
+            qformer_input_ids=batch.get("qformer_input_ids"),
+            qformer_attention_mask=batch.get("qformer_attention_mask"),
+        )
 
     def generation_kwargs(self, options: GenerationOptions) -> dict:
         tok = self.processor.tokenizer
@@ -75,13 +123,60 @@ class InstructBlip:
         eos = getattr(gen_config, "eos_token_id", None) or tok.eos_token_id
         return options.to_generate_kwargs(pad_token_id=tok.pad_token_id, eos_token_id=eos)
 
+    def _decoder(self, batch, options: GenerationOptions):
+        """A `generate_ids` call with everything bound but the streamer/stopping criteria."""
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        return partial(
+            self.model.generate_ids,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            visual=self.visual_prompt(batch),
+            **self.generation_kwargs(options),
+        )
+
     # ---- outputs ------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, images, prompts: Sequence[str] | str, **options) -> list[str]:
-        """Answer each prompt about its image. Options: see `GenerationOptions`."""
+    def generate(self, images, prompts: Sequence[str] | str, *, instructions=None, stop: threading.Event | None = None, **options) -> list[str]:
+        """Answer each prompt about its image. Options: see `GenerationOptions`.
+
+        `instructions`: what the Q-Former reads (default: the prompts). `stop`: an event that
+        ends decoding early (the text so far is returned).
+        """
         opts = GenerationOptions.from_kwargs(**options)
-        batch = self.prepare(images, prompts)
-        if opts.seed is not None:
-            torch.manual_seed(opts.seed)
-        ids = self.model.generate_ids(**batch, **self.generation_kwargs(opts))  # (B * n, T_new)
-        return self.processor.decode(ids)
+        run = self._decoder(self.prepare(images, prompts, instructions), opts)
+        criteria = StoppingCriteriaList([StopOnEvent(stop)]) if stop is not None else None
+        return self.processor.decode(run(stopping_criteria=criteria))
+
+    def stream(self, image, prompt: str, *, instruction: str | None = None, stop: threading.Event | None = None, **options) -> Iterator[str]:
+        """Yield the answer in pieces as tokens are decoded; their concatenation is the answer.
+
+        `stop`: set it from any thread to end the decoding loop within one token. Beam search
+        cannot stream: it yields the final answer once (and still honours `stop`).
+        """
+        opts = GenerationOptions.from_kwargs(**options)
+        if opts.num_beams > 1 or opts.num_return_sequences > 1:
+            yield self.generate([image], prompt, instructions=instruction, stop=stop, **options)[0]
+            return
+        with torch.inference_mode():
+            run = self._decoder(self.prepare([image], [prompt], instruction), opts)
+        decode = partial(self.processor.tokenizer.decode, skip_special_tokens=True)
+        yield from stream_generate(run, decode, stop)
+
+    @torch.inference_mode()
+    def score_candidates(self, image, prompt: str, candidates: Sequence[str], *, instruction: str | None = None) -> CandidateScores:
+        """Log-likelihood of each candidate answer (sum and per-token mean), one LLM pass per image."""
+        candidates = list(candidates)
+        if not candidates:
+            raise ValueError("no candidates to rank")
+        batch = self.prepare([image], [prompt], instruction)
+        ids = [self.processor.encode_answer(prompt, c) for c in candidates]
+        prompt_ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+        return score_candidates(self.model, self.visual_prompt(batch), prompt_ids, ids, self.processor.tokenizer.pad_token_id)
+
+    def rank_candidates(self, image, prompt: str, candidates: Sequence[str], *, reduction: str = "sum", instruction: str | None = None) -> list[float]:
+        """Each candidate's log-likelihood ("sum" or per-token "mean"); the best is the largest."""
+        if reduction not in ("sum", "mean"):
+            raise ValueError('reduction must be "sum" or "mean"')
+        scores = self.score_candidates(image, prompt, candidates, instruction=instruction)
+        return scores.sum if reduction == "sum" else scores.mean

@@ -86,14 +86,52 @@ class Processor:
         )
         return {"qformer_input_ids": enc["input_ids"], "qformer_attention_mask": enc["attention_mask"]}
 
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """LLM prompt ids with the tokenizer's special tokens (BOS for LLaMA/OPT, EOS for T5)."""
+        return self.tokenizer(prompt).input_ids
+
+    def encode_answer(self, prompt: str, answer: str) -> list[int]:
+        """The answer's ids as the LLM produces them after `prompt`, EOS included.
+
+        Shared by training (labels) and candidate ranking, so both score exactly the tokens
+        generation would emit. Decoder-only: the tokens that follow the prompt's in
+        `prompt + " " + answer` (a word after a prompt carries its leading-space marker, for
+        SentencePiece and byte-level BPE alike). Encoder-decoder: the answer alone, as target.
+        """
+        tok = self.tokenizer
+        if self.is_encoder_decoder:
+            ids = tok(answer).input_ids
+            return ids if ids and ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]
+        prompt_ids = self.encode_prompt(prompt)
+        full = tok(f"{prompt} {answer.lstrip()}").input_ids
+        if full[: len(prompt_ids)] == prompt_ids:
+            ids = full[len(prompt_ids):]
+        else:  # the boundary merged into one token: fall back to the answer on its own
+            ids = tok(" " + answer.lstrip(), add_special_tokens=False).input_ids
+        return ids + [tok.eos_token_id]
+
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
+    # ---- images -----------------------------------------------------------------------------
+    def pixel_values(self, samples: list) -> torch.Tensor:
+        """One entry per sample: an image, or a list of video frames (same count in a batch).
+
+        Returns (B, 3, H, W) for images, (B, F, 3, H, W) for videos.
+        """
+        if not any(isinstance(s, (list, tuple)) for s in samples):
+            return self.image_processor(samples)  # (B, 3, H, W)
+        counts = {len(s) if isinstance(s, (list, tuple)) else 1 for s in samples}
+        if len(counts) != 1:
+            raise ValueError(f"all videos in a batch need the same number of frames, got {sorted(counts)}")
+        clips = [self.image_processor(list(s) if isinstance(s, (list, tuple)) else [s]) for s in samples]
+        return torch.stack(clips)  # (B, F, 3, H, W)
+
     # ---- both -------------------------------------------------------------------------------
-    def __call__(self, images, prompts: list[str], instructions: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """images (one per prompt) + prompts -> model inputs. `instructions` (what the Q-Former
-        reads) default to the prompts themselves, as in single-turn InstructBLIP."""
-        batch = {"pixel_values": self.image_processor(images)}  # (B, 3, H, W)
+    def __call__(self, images: list, prompts: list[str], instructions: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """images (one entry per prompt: an image or a list of frames) + prompts -> model inputs.
+        `instructions` (what the Q-Former reads) default to the prompts, as in single-turn InstructBLIP."""
+        batch = {"pixel_values": self.pixel_values(images)}  # (B, 3, H, W) or (B, F, 3, H, W)
         batch.update(self.tokenize_prompts(prompts))
         batch.update(self.tokenize_instructions(instructions if instructions is not None else prompts))
         return batch
