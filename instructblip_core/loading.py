@@ -187,6 +187,7 @@ def load_pretrained(
         num_query_tokens=config.num_query_tokens,
         is_encoder_decoder=config.is_encoder_decoder,
         instruction_aware=config.qformer_config.use_text_input,
+        qformer_positions=config.qformer_config.max_position_embeddings,
     )
     return InstructBlip(model, processor, source=str(name_or_path))
 

@@ -42,7 +42,16 @@ class Processor:
             self.qformer_tokenizer.truncation_side = "left"
 
     @classmethod
-    def from_folder(cls, folder: str | Path, *, num_query_tokens: int, is_encoder_decoder: bool, instruction_aware: bool) -> "Processor":
+    def from_folder(
+        cls,
+        folder: str | Path,
+        *,
+        num_query_tokens: int,
+        is_encoder_decoder: bool,
+        instruction_aware: bool,
+        qformer_positions: int = QFORMER_MAX_LENGTH,
+    ) -> "Processor":
+        """`qformer_positions`: the Q-Former's position table; instructions are cut to fit it."""
         folder = Path(folder)
         qformer_tokenizer = None
         if instruction_aware:
@@ -56,6 +65,7 @@ class Processor:
             qformer_tokenizer=qformer_tokenizer,
             num_query_tokens=num_query_tokens,
             is_encoder_decoder=is_encoder_decoder,
+            qformer_max_length=min(QFORMER_MAX_LENGTH, qformer_positions),
         )
 
     def save_pretrained(self, folder: str | Path) -> None:

@@ -29,3 +29,25 @@ def test_cli_bad_image_is_a_readable_error(tiny_checkpoints, tmp_path):
     assert result.returncode == 2
     assert "notes.txt is not an image file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_interactive_chat_over_stdin(tiny_checkpoints, tmp_path):
+    folder = tiny_checkpoints("instructblip-llama")
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    Image.new("RGB", (40, 40), "red").save(red)
+    Image.new("RGB", (40, 40), "blue").save(blue)
+    script = "\n".join(["what colour is it?", "is it big?", ":undo", ":retry", f":image {blue}", "and now?",
+                        ":image nowhere.png", "", ":quit", "never read"]) + "\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "instructblip_core.cli", "--model", str(folder), "--image", str(red), "--max-new-tokens", "5"],
+        input=script, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert out[0].startswith("Ask about the image")
+    assert "(forgot: is it big?)" in out
+    assert "(new image)" in out
+    assert any("New image" in line for line in out)
+    assert any(line.startswith("error: nowhere.png does not exist") for line in out)
+    answers = [line for line in out if not line.startswith(("(", "Ask", "error"))]
+    assert len(answers) == 4  # two questions, one retry, one about the new image
