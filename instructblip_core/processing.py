@@ -113,7 +113,8 @@ class Processor:
             ids = tok(answer).input_ids
             return ids if ids and ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]
         prompt_ids = self.encode_prompt(prompt)
-        full = tok(f"{prompt} {answer.lstrip()}").input_ids
+        # No prompt (BLIP-2 captioning): the answer opens the text, with no space before it.
+        full = tok(f"{prompt} {answer.lstrip()}" if prompt else answer.lstrip()).input_ids
         if full[: len(prompt_ids)] == prompt_ids:
             ids = full[len(prompt_ids):]
         else:  # the boundary merged into one token: fall back to the answer on its own
