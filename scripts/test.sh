@@ -8,5 +8,9 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   python -m pip install --quiet torch==2.13.0
 fi
 python -m pip install --quiet -r requirements-dev.txt
+# The browser test drives Debian's Chromium (Playwright's own browser download cannot work here).
+if ! command -v chromium >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 python -m pytest "$@"

@@ -1,0 +1,167 @@
+"""End to end: the real app.py on localhost, driven by gradio_client like any API user.
+
+The conversation is checked two ways. Always: every answer equals what a ChatSession in this
+process answers for the same image, questions and greedy settings (so the app answers about
+the right image with the right history). With the shipped small model in assets/ (it knows the
+shapes world), also: the answers are right for the picture's content. Until that model exists,
+the app runs on a tiny random checkpoint, whose answers are gibberish but deterministic.
+"""
+
+import time
+
+import pytest
+from PIL import Image
+
+from app import DEFAULT_MODEL, ENV_VARS, AppSettings, load_model, main, parse_args
+from app_helpers import (APP_MODEL_SIZES, EXAMPLES, GREEDY, SHIPPED_MODEL, answers, app_for, ask, cpu_seconds,
+                         direct_answers, notices, pictures, questions, stopped)
+from instructblip_core import load_pretrained
+
+CIRCLE_AND_SQUARE = EXAMPLES / "red_circle_blue_square.png"
+STARS = EXAMPLES / "three_yellow_stars.png"
+CONVERSATION = [  # (question, image or None for the sticky one, words of which one is right)
+    ("What colour is the circle?", CIRCLE_AND_SQUARE, ["red"]),
+    ("What colour is the square?", None, ["blue"]),
+    ("How many objects are there?", None, ["2", "two"]),
+    ("How many stars are there?", STARS, ["3", "three"]),
+]
+
+
+@pytest.fixture(scope="module")
+def app_and_model(tiny_checkpoints):
+    """(server, model) on the shipped model when it exists (started as plain `python app.py`), else tiny."""
+    if SHIPPED_MODEL.is_dir():
+        return app_for(None), load_pretrained(SHIPPED_MODEL)
+    folder = tiny_checkpoints("instructblip-llama", **APP_MODEL_SIZES)
+    return app_for(folder), load_pretrained(folder)
+
+
+def test_three_turns_about_an_image_then_a_new_image(app_and_model):
+    server, model = app_and_model
+    client = server.client()
+    expected = direct_answers(model, [(q, image) for q, image, _ in CONVERSATION])
+
+    replies = []
+    for question, image, _ in CONVERSATION:
+        conversation, _, look, status = ask(client, question, image)
+        replies.append(answers(conversation)[-1])
+        assert status.startswith("Answered after"), status
+        with Image.open(look["value"]) as heat:  # the "where did it look?" picture, as PNG
+            assert heat.format == "PNG" and heat.size == Image.open(image or CIRCLE_AND_SQUARE).size
+        assert question in look["label"]
+
+    assert replies == expected
+    assert questions(conversation) == [q for q, _, _ in CONVERSATION]
+    assert pictures(conversation) == [CIRCLE_AND_SQUARE.name, STARS.name]
+    assert notices(conversation) == ["Note: New image"]  # the earlier turns are not used for the stars
+    if SHIPPED_MODEL.is_dir():
+        for reply, (question, _, right) in zip(replies, CONVERSATION):
+            assert any(word in reply.lower() for word in right), (question, reply)
+
+
+def test_stop_ends_the_generation_compute_not_just_the_stream(app_and_model):
+    server, model = app_and_model
+    client = server.client()
+    ask(client, "What colour is the circle?", CIRCLE_AND_SQUARE)
+    longest = dict(max_new_tokens=450, min_new_tokens=450)  # ~7 s of decoding on 2 cores if not stopped
+    job = client.submit({"text": "Describe the image in detail.", "files": []}, api_name="/chat",
+                        **{**GREEDY, **longest})
+    wait_for_streamed_text(job, turns=2)
+    pressed = time.monotonic()
+    assert client.predict(api_name="/stop") == "Stopping…"
+    conversation, _, _, status = job.result(timeout=30)
+    ended = time.monotonic() - pressed
+    before = cpu_seconds(server.pid)
+    time.sleep(1.0)
+    busy = cpu_seconds(server.pid) - before
+
+    assert status.startswith("Stopped after"), status
+    assert stopped(conversation) == [False, True]
+    assert ended < 4.0, f"the answer went on for {ended:.1f} s after Stop (unstopped it would take ~7 s)"
+    assert busy < 0.3, f"the server used {busy:.2f} s of CPU in the second after Stop: decoding went on"
+    shown_tokens = len(model.processor.tokenizer(answers(conversation)[-1]).input_ids)
+    assert shown_tokens < longest["max_new_tokens"] // 2
+
+    # The stopped answer stays on screen but is not history for the next question.
+    conversation, _, _, _ = ask(client, "What colour is the square?")
+    assert answers(conversation)[-1] == direct_answers(
+        model, [("What colour is the circle?", CIRCLE_AND_SQUARE), ("What colour is the square?", None)])[-1]
+
+
+def test_a_client_that_leaves_mid_answer_does_not_keep_the_machine_busy(app_and_model):
+    """A closed tab cancels its event; the decoding loop must end with it (the peers' demos kept generating)."""
+    server, _ = app_and_model
+    client = server.client()
+    ask(client, "What colour is the circle?", CIRCLE_AND_SQUARE)
+    job = client.submit({"text": "Describe the image in detail.", "files": []}, api_name="/chat",
+                        **{**GREEDY, "max_new_tokens": 450, "min_new_tokens": 450})
+    wait_for_streamed_text(job, turns=2)
+    job.cancel()
+    time.sleep(0.5)
+    before = cpu_seconds(server.pid)
+    time.sleep(1.0)
+    busy = cpu_seconds(server.pid) - before
+    assert busy < 0.3, f"the server used {busy:.2f} s of CPU in the second after the client left: decoding went on"
+    conversation, _, _, _ = ask(client, "What colour is the square?")  # the session is free again
+    assert stopped(conversation)[-2:] == [True, False]
+
+
+def wait_for_streamed_text(job, turns: int, timeout: float = 60) -> None:
+    """Until the answer of turn `turns` has shown some text (it is still being written)."""
+    deadline = time.monotonic() + timeout
+    while not any(len(answers(out[0])) == turns and answers(out[0])[-1] for out in job.outputs()):
+        assert time.monotonic() < deadline and not job.done(), "no streamed text arrived"
+        time.sleep(0.02)
+
+
+def test_retry_undo_edit_and_clear(app_and_model):
+    server, model = app_and_model
+    client = server.client()
+    first, second = "What colour is the circle?", "How many shapes are there?"
+    expected = direct_answers(model, [(first, CIRCLE_AND_SQUARE), (second, None)])
+    ask(client, first, CIRCLE_AND_SQUARE)
+    ask(client, second)
+
+    conversation, _, _, status = client.predict(api_name="/retry", **GREEDY)
+    assert answers(conversation) == expected and status.startswith("Answered")
+
+    conversation, _ = client.predict(api_name="/undo")
+    assert questions(conversation) == [first] and answers(conversation) == expected[:1]
+
+    conversation, box = client.predict(api_name="/edit")
+    assert questions(conversation) == [] and box["text"] == first
+    assert pictures(conversation) == [CIRCLE_AND_SQUARE.name]  # the image stays for the edited question
+
+    conversation, _, _, _ = ask(client, box["text"])
+    assert answers(conversation) == expected[:1]
+
+    conversation, _, _, status = client.predict(api_name="/clear")
+    assert conversation == [] and status == ""
+    with pytest.raises(Exception, match="There is no image yet"):
+        ask(client, first)
+
+
+def test_a_missing_model_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"cannot load model .*missing"):
+        load_model(AppSettings(model=str(tmp_path / "missing")))
+    if not DEFAULT_MODEL.is_dir():  # plain `python app.py` in a checkout without the shipped model
+        with pytest.raises(SystemExit, match="no model at assets/nano-instructblip; pass --model"):
+            main([])
+
+
+def test_settings_come_from_flags_or_environment(monkeypatch):
+    monkeypatch.setenv(ENV_VARS["model"], "Salesforce/instructblip-flan-t5-xl")
+    monkeypatch.setenv(ENV_VARS["load_in_8bit"], "1")
+    monkeypatch.setenv(ENV_VARS["port"], "7999")
+    monkeypatch.setenv(ENV_VARS["concurrency_limit"], "4")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")  # what Spaces sets
+    settings = parse_args([])
+    assert (settings.model, settings.load_in_8bit, settings.port, settings.concurrency_limit, settings.host) == (
+        "Salesforce/instructblip-flan-t5-xl", True, 7999, 4, "0.0.0.0")
+    flags = parse_args(["--model", "x/y", "--port", "8001", "--dtype", "bfloat16", "--host", "127.0.0.1"])
+    assert (flags.model, flags.port, flags.dtype, flags.host) == ("x/y", 8001, "bfloat16", "127.0.0.1")
+    with pytest.raises(SystemExit):
+        parse_args(["--load-in-8bit", "--load-in-4bit"])
+    monkeypatch.setenv(ENV_VARS["dtype"], "float64")
+    with pytest.raises(SystemExit):
+        parse_args([])
