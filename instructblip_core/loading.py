@@ -168,6 +168,8 @@ def load_pretrained(
     if load_in_8bit and load_in_4bit:
         raise ValueError("choose load_in_8bit or load_in_4bit, not both")
     device = torch.device(device)
+    if device.type == "cpu":  # "cpu:0" (accelerate's name in multi-process runs) is the same memory
+        device = torch.device("cpu")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.replace("torch.", ""))
     dtype = dtype or default_dtype(device)
