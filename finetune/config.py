@@ -62,6 +62,7 @@ class TrainConfig:
 
     # ---- data ----------------------------------------------------------------------------------
     sampling: Literal["sqrt", "proportional"] = "sqrt"  # dataset d drawn with p ~ sqrt(size_d) (InstructBLIP) or ~ size_d
+    qformer_instruction: bool = True  # false: the Q-Former never reads the instruction (BLIP-2-style features; recorded in the export)
     prompt_style: Literal["auto", "instruction", "task_tag", "none"] = "auto"  # auto: instruction templates (instruct), raw text (stage2, stage1)
     max_answer_tokens: int = 256  # longer answers are an error naming file:line (or skipped with skip_bad)
     max_prompt_tokens: int = 512  # longer prompts lose their oldest turns / are cut from the left

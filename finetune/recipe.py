@@ -31,7 +31,7 @@ from instructblip_core.loading import load_pretrained
 from instructblip_core.lora import LoraSettings, add_lora, merge_lora
 from instructblip_core.pipeline import InstructBlip
 from instructblip_core.processing import Processor
-from instructblip_core.prompts import TEMPLATE_KEY, PromptTemplate
+from instructblip_core.prompts import QFORMER_INSTRUCTION_KEY, TEMPLATE_KEY, PromptTemplate
 from instructblip_core.qformer import QFormerMultiHeadAttention
 from instructblip_core.stage1 import QFormerPretrainer
 
@@ -189,13 +189,14 @@ class DataOptions:
     verify_images: bool = False
     augment: bool = False
     horizontal_flip: bool = False
+    qformer_instruction: bool = True
 
     @classmethod
     def of(cls, config: TrainConfig) -> "DataOptions":
         return cls(
             prompt_style=config.resolved_prompt_style, seed=config.seed, max_answer_tokens=config.max_answer_tokens,
             max_prompt_tokens=config.max_prompt_tokens, verify_images=config.verify_images, augment=config.augment,
-            horizontal_flip=config.horizontal_flip,
+            horizontal_flip=config.horizontal_flip, qformer_instruction=config.qformer_instruction,
         )  # fmt: skip
 
 
@@ -227,6 +228,7 @@ def load_dataset(spec, processor: Processor, options: DataOptions, *, train: boo
         seed=options.seed,
         count_tokens=lambda text: len(processor.encode_prompt(text)),
         max_prompt_tokens=options.max_prompt_tokens,
+        qformer_instruction=options.qformer_instruction,
     )
     return dataset, result.skipped
 
@@ -286,6 +288,8 @@ def export(config: TrainConfig, trained: nn.Module, out: str | os.PathLike) -> P
     else:
         _copy_trainable(trained, base.model, config)
     base.model.config.extra[TEMPLATE_KEY] = PromptTemplate().to_dict()
+    if not config.qformer_instruction:
+        base.model.config.extra[QFORMER_INSTRUCTION_KEY] = False
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     base.save_pretrained(tmp)

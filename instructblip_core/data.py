@@ -439,6 +439,7 @@ class InstructionDataset(Dataset):
         seed: int = 0,
         count_tokens: Callable[[str], int] | None = None,
         max_prompt_tokens: int | None = None,
+        qformer_instruction: bool = True,
     ):
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"unknown prompt_style {prompt_style!r}; expected one of {', '.join(PROMPT_STYLES)}")
@@ -456,6 +457,8 @@ class InstructionDataset(Dataset):
         self.epoch = 0
         self.count_tokens = count_tokens  # with max_prompt_tokens: oldest turns are dropped to fit
         self.max_prompt_tokens = max_prompt_tokens
+        # False: the Q-Former reads no text (BLIP-2-style, instruction-blind features; an ablation).
+        self.qformer_instruction = qformer_instruction
 
     def __len__(self) -> int:
         return len(self.records)
@@ -475,7 +478,8 @@ class InstructionDataset(Dataset):
         prompt = build_prompt(
             current, record.history, self.template, count_tokens=self.count_tokens, max_prompt_tokens=self.max_prompt_tokens
         )
-        return {"prompt": prompt.llm, "qformer_text": prompt.qformer, "answer": record.answer, "source": record.source}
+        qformer_text = prompt.qformer if self.qformer_instruction else ""
+        return {"prompt": prompt.llm, "qformer_text": qformer_text, "answer": record.answer, "source": record.source}
 
     def _current_text(self, record: Record, rng: random.Random) -> str:
         fields = {"question": record.question, "options": record.options, **record.extra}

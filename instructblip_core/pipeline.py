@@ -26,6 +26,7 @@ from .features import FeatureCache
 from .generation import GenerationOptions
 from .model import InstructBlipForConditionalGeneration
 from .processing import Processor
+from .prompts import QFORMER_INSTRUCTION_KEY
 from .ranking import CandidateScores, score_candidates
 from .streaming import StopOnEvent, stream_generate
 
@@ -95,6 +96,8 @@ class InstructBlip:
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
         if instructions is not None:
             instructions = _as_list(instructions)
+        if not self.config.extra.get(QFORMER_INSTRUCTION_KEY, True):
+            instructions = [""] * len(prompts)  # trained instruction-blind: inference must match
         batch = self.processor(images, prompts, instructions)
         pixel_dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
         return {

@@ -19,6 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 TEMPLATE_KEY = "prompt_template"  # key in config.json
+# key in config.json; false for a model trained with an empty Q-Former text (the ablation), so
+# inference feeds it the same
+QFORMER_INSTRUCTION_KEY = "qformer_instruction"
 
 
 @dataclass(frozen=True)

@@ -161,3 +161,23 @@ def test_feature_cache_is_bounded_lru():
     cache.get_or_compute(torch.cat([a, b]), encode)  # a hit, b recomputed alone
     assert computed == [1, 1, 1, 1]
     assert (cache.hits, cache.misses) == (2, 4)
+
+
+def test_instruction_blind_checkpoint_gets_an_empty_qformer_text(model):
+    """A model trained with `qformer_instruction: false` (the ablation) records it in its config;
+    inference then feeds its Q-Former the same empty text it was trained with."""
+    from instructblip_core.prompts import QFORMER_INSTRUCTION_KEY
+
+    image = coloured("red")
+    aware = model.visual_prompt(model.prepare(image, "what colour is it?"))
+    model.config.extra[QFORMER_INSTRUCTION_KEY] = False
+    try:
+        batch = model.prepare(image, "what colour is it?")
+        empty = model.processor.tokenize_instructions([""])["qformer_input_ids"]
+        assert batch["qformer_input_ids"].tolist() == empty.tolist()
+        blind = model.visual_prompt(batch)
+        assert (blind - aware).abs().max().item() > 1e-4
+        other = model.visual_prompt(model.prepare(image, "how many are there?"))
+        assert (blind - other).abs().max().item() == 0  # the question no longer matters
+    finally:
+        del model.config.extra[QFORMER_INSTRUCTION_KEY]

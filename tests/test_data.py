@@ -357,6 +357,13 @@ def test_prompt_styles(folder):
         dataset(records, prompt_style="plain")
 
 
+def test_instruction_blind_qformer_text(folder):
+    records = _vqa_records(folder, 3)
+    aware, blind = dataset(records).texts(2), dataset(records, qformer_instruction=False).texts(2)
+    assert aware["qformer_text"] == aware["prompt"] and blind["qformer_text"] == ""
+    assert blind["prompt"] == aware["prompt"]  # the LLM still reads the instruction
+
+
 def test_history_is_trimmed_to_the_prompt_budget(folder):
     record = Record(image=folder / "img" / "a.png", instruction="last?", question="last?", answer="x", task="dialogue",
                     history=[("first question here", "first answer"), ("second?", "yes")], source="mem:0")
