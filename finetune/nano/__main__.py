@@ -1,0 +1,190 @@
+"""Build our small InstructBLIP from nothing: `python -m finetune.nano [--quick] [--install]`.
+
+Stages (each skipped when its output already exists, so a stopped run continues; inside a
+training stage, `finetune.train` resumes from its last checkpoint):
+  1. data        the procedural world's datasets (held-in train/test, held-out test) + text corpus
+  2. tokenizers  BPE for the LLM, WordPiece for the Q-Former, trained on the world's text
+  3. vision      the image encoder, pretrained with dense per-patch ground truth, then frozen
+  4. text        the LLM (LLaMA architecture), pretrained on the world's text, then frozen
+  5. base        the first full checkpoint (untrained Q-Former)
+  6. stage1      Q-Former on frozen image features: ITC + ITM + ITG on captions (BLIP-2 stage 1)
+  7. stage2      Q-Former + projection into the frozen LLM on captions (BLIP-2 stage 2)
+  8. instruct    instruction tuning on the held-in mixture, sqrt-balanced (InstructBLIP)
+  9. evaluate    every held-in and held-out test set -> results.json, results.md
+ --install copies the instruction-tuned export to assets/nano-instructblip with its model card.
+`--quick` runs every stage for a few steps on a few records (minutes; used by the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from instructblip_core.data import InstructionDataset, load_records
+from instructblip_core.images import load_image
+
+from . import build_model
+from .evaluate import evaluate_all, write_results
+from .pretrain_text import pretrain_text
+from .pretrain_vision import pretrain_vision
+from .splits import QUICK_SIZES, build_splits, load_manifest
+from .stages import STAGES, run_stage
+from .tokenizers import train_llm_tokenizer, train_qformer_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL_DIR = REPO / "assets" / "nano-instructblip"
+
+
+class Budget:
+    """Steps of each stage: full recipe (<= 45 min on 2 cores) or --quick (a smoke run)."""
+
+    def __init__(self, quick: bool):
+        full = dict(vision=400, text=200, stage1=150, stage2=150, instruct=1600)
+        self.steps = {k: 4 for k in full} if quick else full
+        self.quick = quick
+
+
+def log_to(path: Path):
+    def log(message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(line, flush=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    return log
+
+
+def instruction_lines(manifest, seed: int) -> list[str]:
+    """Held-in training records as the LLM will read them: templated instruction + answer."""
+    lines = []
+    for entry in manifest.training():
+        records = load_records(manifest.root / entry.path, entry.task).records
+        dataset = InstructionDataset(records, name=entry.name, task=entry.task, image_transform=None, seed=seed)
+        for i in range(len(records)):
+            t = dataset.texts(i)
+            lines.append(f"{t['prompt']} {t['answer']}")
+    return lines
+
+
+def step_tokenizers(work: Path, manifest, texts: list[str], log) -> tuple:
+    folder = work / "tokenizers"
+    if not (folder / "qformer" / "tokenizer.json").exists():
+        train_llm_tokenizer(texts, vocab_size=1024).save_pretrained(folder / "llm")
+        train_qformer_tokenizer(texts, vocab_size=1024).save_pretrained(folder / "qformer")
+    tokenizer, qformer_tokenizer = AutoTokenizer.from_pretrained(folder / "llm"), AutoTokenizer.from_pretrained(folder / "qformer")
+    log(f"tokenizers: LLM {len(tokenizer)} tokens, Q-Former {len(qformer_tokenizer)} tokens")
+    return tokenizer, qformer_tokenizer
+
+
+def step_vision(work: Path, manifest, steps: int, log):
+    from instructblip_core.vision import VisionModel
+
+    path = work / "vision.safetensors"
+    config = build_model.vision_config()
+    model = VisionModel(config)
+    if path.exists():
+        model.load_state_dict(load_file(path))
+        return model
+    records = [json.loads(line) for line in (manifest.root / "pretrain_captions.jsonl").read_text().splitlines() if line]
+    processor = build_model.image_processor()
+    pixels = torch.stack([processor.pixel_values(load_image(manifest.root / r["image"])) for r in records])  # (N, 3, S, S)
+    result = pretrain_vision(config, pixels, [r["scene"] for r in records], steps=steps, batch_size=32, log=log)
+    log(f"vision pretraining: {result.seconds:.0f} s, held-back accuracy " + json.dumps({k: round(v, 3) for k, v in result.accuracy.items()}))
+    (work / "vision_accuracy.json").write_text(json.dumps(result.accuracy, indent=1))
+    save_file(result.model.state_dict(), path)
+    return result.model
+
+
+def step_text(work: Path, tokenizer, lines: list[str], steps: int, log) -> LlamaForCausalLM:
+    folder = work / "llm"
+    if (folder / "config.json").exists():
+        return LlamaForCausalLM.from_pretrained(folder)
+    result = pretrain_text(build_model.llm_config(tokenizer), tokenizer, lines, steps=steps, batch_size=32, log=log)
+    log(f"LLM pretraining: {result.seconds:.0f} s, held-back loss {result.eval_loss:.3f}")
+    result.model.save_pretrained(folder)
+    return result.model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m finetune.nano", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "nano", help="working folder (default runs/nano)")
+    p.add_argument("--quick", action="store_true", help="every stage for a few steps on a few records")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--install", action="store_true", help=f"copy the result to {INSTALL_DIR.relative_to(REPO)}")
+    p.add_argument("--until", choices=["data", "tokenizers", "vision", "text", "base", *STAGES], help="stop after this stage")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    work = args.out
+    work.mkdir(parents=True, exist_ok=True)
+    log = log_to(work / "nano.log")
+    budget = Budget(args.quick)
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    data = work / "data"
+    if not (data / "manifest.json").exists():
+        build_splits(data, seed=args.seed, sizes=QUICK_SIZES if args.quick else None, image_size=build_model.IMAGE_SIZE,
+                     workers=2, overwrite=True)
+    manifest = load_manifest(data)
+    log(f"data: {sum(e.count for e in manifest.training())} held-in training records, "
+        f"{len(manifest.evaluation())} test sets ({time.perf_counter() - started:.0f} s)")
+    if args.until == "data":
+        return 0
+    corpus = (data / manifest.corpus).read_text(encoding="utf-8").splitlines() if manifest.corpus else []
+    instructions = instruction_lines(manifest, args.seed)
+    tokenizer, qformer_tokenizer = step_tokenizers(work, manifest, corpus + instructions, log)
+    if args.until == "tokenizers":
+        return 0
+    vision = step_vision(work, manifest, budget.steps["vision"], log)
+    if args.until == "vision":
+        return 0
+    llm = step_text(work, tokenizer, corpus + instructions, budget.steps["text"], log)
+    if args.until == "text":
+        return 0
+    base = work / "base"
+    if not (base / "config.json").exists():
+        build_model.assemble(base, vision, llm, tokenizer, qformer_tokenizer)
+    log(f"base checkpoint at {base} ({time.perf_counter() - started:.0f} s so far)")
+    if args.until == "base":
+        return 0
+    model = base
+    for stage in STAGES:
+        model = run_stage(stage, model, work, manifest, budget.steps[stage], log, quick=args.quick)
+        log(f"{stage} done ({time.perf_counter() - started:.0f} s so far)")
+        if args.until == stage:
+            return 0
+    results = evaluate_all(model, manifest, quick=args.quick)
+    write_results(results, work, title="Full InstructBLIP (nano)")
+    log(f"evaluation written to {work / 'results.md'}; total {time.perf_counter() - started:.0f} s")
+    if args.install:
+        install(model, work)
+        log(f"installed at {INSTALL_DIR}")
+    return 0
+
+
+def install(model: Path, work: Path) -> None:
+    from .model_card import write_model_card
+
+    tmp = INSTALL_DIR.with_name(".tmp-nano")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model, tmp)
+    write_model_card(tmp, work)
+    shutil.rmtree(INSTALL_DIR, ignore_errors=True)
+    tmp.rename(INSTALL_DIR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Evaluating the small model on every held-in and held-out test set, and the results table.
+
+Held-out sets are zero-shot: their datasets, and for video QA, classification and dialogue
+their whole task category, were never trained on; the instruction templates of those
+categories are therefore new to the model too (as in the paper).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from instructblip_core.augment import EvalTransform
+from instructblip_core.data import InstructionDataset, load_records
+from instructblip_core.evaluation import EvalSet, Evaluator
+from instructblip_core.generation import GenerationOptions
+from instructblip_core.loading import load_pretrained
+
+from .splits import HELD_IN
+from .world import SHAPES
+
+
+def evaluate_all(
+    model_folder: Path,
+    manifest,
+    *,
+    quick: bool = False,
+    held_in_style: str = "instruction",
+    qformer_instruction: bool = True,
+    max_examples: int | None = None,
+) -> dict:
+    """name -> {split, task, metric, value, n, examples}. `held_in_style`: how held-in prompts are
+    written ("task_tag" for the multitask ablation); held-out prompts are always instructions."""
+    blip = load_pretrained(model_folder)
+    transform = EvalTransform(blip.processor.image_processor)
+    results = {}
+    for entry in manifest.evaluation():
+        records = load_records(manifest.root / entry.path, entry.task).records
+        if entry.task == "classification":  # closed set: vocabulary ranking over the class names, as the paper does
+            for record in records:
+                record.options = list(SHAPES)
+        style = held_in_style if entry.split == HELD_IN else "instruction"
+        dataset = InstructionDataset(records, name=entry.name, task=entry.task, prompt_style=style,
+                                     image_transform=transform, seed=1234, qformer_instruction=qformer_instruction)
+        eval_set = EvalSet(entry.name, dataset, max_examples=4 if quick else max_examples)
+        evaluator = Evaluator(blip.processor, [eval_set], batch_size=32,
+                              generation=GenerationOptions(max_new_tokens=40, min_new_tokens=1))
+        report = evaluator.run(blip.model)
+        value = next(iter(report.metrics.values()))
+        rows = report.predictions[entry.name]
+        results[entry.name] = {"split": entry.split, "task": entry.task, "metric": eval_set.metric, "value": value,
+                               "n": len(rows), "mirrors": entry.mirrors, "examples": rows[:3]}
+    return results
+
+
+def held_out_average(results: dict, exclude_metric: str = "cider") -> float:
+    values = [r["value"] for r in results.values() if r["split"] != HELD_IN and r["metric"] != exclude_metric]
+    return sum(values) / max(len(values), 1)
+
+
+def results_table(columns: dict[str, dict]) -> str:
+    """Markdown: one row per test set, one column per model variant."""
+    names = list(next(iter(columns.values())))
+    header = "| dataset | split | task | metric | " + " | ".join(columns) + " |"
+    lines = [header, "|" + "---|" * (4 + len(columns))]
+    for name in names:
+        first = next(iter(columns.values()))[name]
+        cells = [f"{c[name]['value'] * 100:.1f}" for c in columns.values()]  # CIDEr x 100 too, as papers print it
+        lines.append(f"| {name} | {first['split']} | {first['task']} | {first['metric']} | " + " | ".join(cells) + " |")
+    averages = [f"{held_out_average(c) * 100:.1f}" for c in columns.values()]
+    lines.append("| **held-out average** (accuracy sets) | held-out | | | " + " | ".join(averages) + " |")
+    return "\n".join(lines)
+
+
+def write_results(results: dict, work: Path, title: str, filename: str = "results") -> None:
+    (work / f"{filename}.json").write_text(json.dumps(results, indent=1))
+    (work / f"{filename}.md").write_text(f"### {title}\n\n{results_table({title: results})}\n")

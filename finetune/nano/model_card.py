@@ -1,0 +1,76 @@
+"""The model card written beside the shipped small checkpoint (assets/nano-instructblip/README.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CARD = """---
+license: apache-2.0
+library_name: instructblip_core
+tags: [instructblip, blip-2, vision-language, tiny, synthetic]
+---
+
+# nano-instructblip
+
+A complete InstructBLIP (image encoder, instruction-aware Q-Former, projection, frozen LLM),
+about {params:.1f}M parameters, trained **from scratch on two CPU cores** by this project's own
+recipe (`python -m finetune.nano`) on a procedurally generated world. It is the offline
+default of the studio's app, and the laboratory where the paper's experiment is repeated in
+miniature. It loads with `instructblip_core.load_pretrained` and with transformers'
+`InstructBlipForConditionalGeneration`.
+
+## What it knows
+
+Only its own world: 64 x 64 pictures of 1-5 shapes (circle, square, triangle, diamond, star)
+in six colours (red, green, blue, yellow, purple, orange), small or large, placed on a 3 x 3
+grid (top left ... bottom right) over a white, grey, beige or black background, some with a
+digit or a two-letter word written on them, and short clips of one object moving, changing
+colour, appearing or disappearing. It answers questions about colours, shapes, sizes,
+places, counts, left/right/above/below relations and the written text; it captions, answers
+yes/no and multiple-choice questions, and writes questions.
+
+## What it does not know
+
+Anything else. **Real photos need a real checkpoint** (`--model Salesforce/instructblip-vicuna-7b`
+or `Salesforce/instructblip-flan-t5-xl`): on a photo this model describes coloured shapes that
+are not there. Its language is the world's small vocabulary; long or unusual instructions
+confuse it.
+
+## Architecture
+
+| part | size |
+|---|---|
+| image encoder | ViT, 64 px, patch 8 (64 patches + CLS), 4 layers x 128 |
+| Q-Former | BERT-style, 4 layers x 128, cross-attention every 2nd layer, **8 query tokens** |
+| LLM | LLaMA architecture, 4 layers x 192, BPE vocabulary of {vocab} |
+
+## How it was trained
+
+1. tokenizers (BPE for the LLM, WordPiece for the Q-Former) on the world's text;
+2. the image encoder with dense per-patch ground truth, then frozen;
+3. the LLM on the world's text, then frozen;
+4. Q-Former stage 1 (ITC + ITM + ITG on captions), stage 2 (LM loss through the frozen LLM);
+5. instruction tuning on the held-in datasets with sqrt-balanced sampling.
+
+## Results
+
+{results}
+
+Held-out sets were never trained on (for video QA, classification and dialogue, not even
+their task category). Accuracy in %, CIDEr x 100. Details: the project's README.
+"""
+
+
+def write_model_card(folder: Path, work: Path) -> None:
+    from instructblip_core.loading import load_pretrained
+
+    model = load_pretrained(folder)
+    params = sum(p.numel() for p in model.model.parameters()) / 1e6
+    results = (work / "results.md").read_text(encoding="utf-8") if (work / "results.md").exists() else "(not evaluated)"
+    (folder / "README.md").write_text(
+        CARD.format(params=params, vocab=len(model.processor.tokenizer), results=results), encoding="utf-8"
+    )
+    if (work / "results.json").exists():
+        (folder / "results.json").write_text((work / "results.json").read_text())
+    json.loads((folder / "config.json").read_text())  # the card never replaces a valid config

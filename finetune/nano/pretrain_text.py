@@ -1,0 +1,83 @@
+"""Pretraining the small model's LLM on the world's text, after which it is frozen (like Vicuna).
+
+A LLaMA-architecture decoder (transformers' `LlamaForCausalLM`, so the checkpoint is an
+ordinary LLaMA) learns the world's sentences, question/answer pairs and the instruction
+phrasings of the template library: a frozen LLM must already speak the language the
+Q-Former's soft prompt will steer it to answer in.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+
+@dataclass
+class TextPretrainResult:
+    model: LlamaForCausalLM
+    eval_loss: float  # mean token loss on held-back lines
+    seconds: float
+
+
+def encode_lines(tokenizer: PreTrainedTokenizerBase, lines: list[str], max_len: int) -> list[list[int]]:
+    """BOS + line + EOS, cut to max_len."""
+    return [ids[: max_len - 1] + [tokenizer.eos_token_id] for ids in tokenizer(lines).input_ids]
+
+
+def _batch(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (B, T)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, mask
+
+
+def lm_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    labels = ids.masked_fill(mask == 0, -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def pretrain_text(
+    config: LlamaConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    lines: list[str],
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    log=print,
+) -> TextPretrainResult:
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    rows = encode_lines(tokenizer, lines, config.max_position_embeddings)
+    n_eval = max(1, len(rows) // 50)
+    train, held = rows[:-n_eval], rows[-n_eval:]
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    model.train()
+    for step in range(steps):
+        ids, mask = _batch(rng.sample(train, min(batch_size, len(train))), tokenizer.pad_token_id)
+        loss = lm_loss(model, ids, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"text step {step}/{steps} loss {loss.item():.3f}")
+    model.eval()
+    with torch.no_grad():
+        losses = [lm_loss(model, *_batch(held[i : i + 64], tokenizer.pad_token_id)).item() for i in range(0, len(held), 64)]
+    return TextPretrainResult(model, sum(losses) / len(losses), time.perf_counter() - started)
