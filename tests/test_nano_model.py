@@ -1,0 +1,50 @@
+"""The shipped small model (assets/nano-instructblip) on freshly generated samples.
+
+The samples come from the world's "fresh" seed stream, which no training or test set of the
+recipe ever drew from, so this measures what the model learnt, not what it memorised.
+Thresholds sit safely below the accuracy measured when the model was built (see README).
+"""
+
+from pathlib import Path
+
+import pytest
+from transformers import InstructBlipForConditionalGeneration
+
+from finetune.nano.evaluate import evaluate_all
+from finetune.nano.splits import FRESH, HELD_IN, Manifest, build_dataset
+from instructblip_core import load_pretrained
+
+MODEL = Path(__file__).resolve().parent.parent / "assets" / "nano-instructblip"
+SAMPLES = 48
+# dataset -> minimum accuracy (0..1) on fresh samples; set from the measured results
+# Measured on 48 fresh samples each when the shipped model was built: vqa_attributes 0.271
+# (chance 1/6), counting 0.521 (most frequent answer 0.32), caption CIDEr-D 0.936,
+# vqa_compositional 0.208; yes_no is at chance (0.46-0.49), so it is not asserted. The model is
+# weak (see README: it mostly ignores colour); these floors only catch a broken build or loader.
+THRESHOLDS: dict[str, float] = {"vqa_attributes": 0.2, "counting": 0.38, "caption": 0.6, "vqa_compositional": 0.14}
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fresh")
+    entries = [build_dataset(root, name, seed=0, part=FRESH, count=SAMPLES) for name in THRESHOLDS]
+    # evaluate_all reads test parts; the fresh parts play that role here
+    return Manifest(root, 0, 64, [e.__class__(**{**e.__dict__, "part": "test"}) for e in entries])
+
+
+def test_shipped_model_is_small_and_loads_everywhere():
+    size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
+    assert size <= 50 * 1024**2, f"{size / 1024**2:.1f} MB"
+    model = load_pretrained(MODEL)
+    assert model.config.num_query_tokens == 8
+    InstructBlipForConditionalGeneration.from_pretrained(MODEL)
+    assert (MODEL / "README.md").read_text().count("Real photos need a real checkpoint") == 1
+
+
+def test_accuracy_on_fresh_samples(fresh):
+    results = evaluate_all(MODEL, fresh)
+    report = {name: round(r["value"], 3) for name, r in results.items()}
+    print(report)
+    for name, minimum in THRESHOLDS.items():
+        assert results[name]["value"] >= minimum, (name, report)
+    assert {r["split"] for r in results.values()} >= {HELD_IN}
