@@ -26,9 +26,11 @@ Only its own world: 64 x 64 pictures of 1-5 shapes (circle, square, triangle, di
 in six colours (red, green, blue, yellow, purple, orange), small or large, placed on a 3 x 3
 grid (top left ... bottom right) over a white, grey, beige or black background, some with a
 digit or a two-letter word written on them, and short clips of one object moving, changing
-colour, appearing or disappearing. It answers questions about colours, shapes, sizes,
-places, counts, left/right/above/below relations and the written text; it captions, answers
-yes/no and multiple-choice questions, and writes questions.
+colour, appearing or disappearing. It was trained to answer questions about colours,
+shapes, sizes, places, counts, left/right/above/below relations and the written text, to
+caption, to answer yes/no and multiple-choice questions and to write questions. How well it
+does is in the table below: this build is weak (its colour answers are still mostly guesses),
+so treat it as a working demonstration of the pipeline, not as a capable model.
 
 ## What it does not know
 
