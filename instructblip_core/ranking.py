@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from .losses import answer_log_likelihoods
 from .model import IGNORE_INDEX, InstructBlipForConditionalGeneration
 
 
@@ -27,15 +27,10 @@ class CandidateScores:
         return max(range(len(values)), key=values.__getitem__)
 
 
-def sequence_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (K, T, V) predicting labels (K, T) position by position; IGNORE_INDEX skipped.
-
-    Returns per-row (sum, count) of the label tokens' log-probabilities.
-    """
-    logprobs = F.log_softmax(logits.float(), dim=-1)  # (K, T, V)
-    keep = labels != IGNORE_INDEX  # (K, T)
-    picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (K, T)
-    return (picked * keep).sum(-1), keep.sum(-1)
+def _scores(logits: torch.Tensor, labels: torch.Tensor) -> CandidateScores:
+    """logits (K, T, V) predicting labels (K, T) position by position; IGNORE_INDEX skipped."""
+    ll = answer_log_likelihoods(logits, labels, shift=False)
+    return CandidateScores(sum=ll.sum.tolist(), mean=ll.mean.tolist(), num_tokens=(labels != IGNORE_INDEX).sum(-1).tolist())
 
 
 def _pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -56,20 +51,15 @@ def score_candidates(
     K = len(candidate_ids)
     device = visual.device
     if model.is_encoder_decoder:
-        sums, counts = _score_encoder_decoder(model, visual, prompt_ids, candidate_ids, device)
-    else:
-        rows = [prompt_ids + c for c in candidate_ids]
-        input_ids = _pad_right(rows, pad_token_id).to(device)  # (K, T)
-        attention = _pad_right([[1] * len(r) for r in rows], 0).to(device)
-        labels = _pad_right([[IGNORE_INDEX] * len(prompt_ids) + c for c in candidate_ids], IGNORE_INDEX).to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention, visual=visual.expand(K, -1, -1)).logits
-        Q = visual.shape[1]
-        # logits at position p predict token p+1; the text starts after the Q visual slots.
-        sums, counts = sequence_log_likelihoods(logits[:, Q - 1 : -1], labels)
-    counts_list = counts.tolist()
-    return CandidateScores(
-        sum=sums.tolist(), mean=[s / max(n, 1) for s, n in zip(sums.tolist(), counts_list)], num_tokens=counts_list
-    )
+        return _score_encoder_decoder(model, visual, prompt_ids, candidate_ids, device)
+    rows = [prompt_ids + c for c in candidate_ids]
+    input_ids = _pad_right(rows, pad_token_id).to(device)  # (K, T)
+    attention = _pad_right([[1] * len(r) for r in rows], 0).to(device)
+    labels = _pad_right([[IGNORE_INDEX] * len(prompt_ids) + c for c in candidate_ids], IGNORE_INDEX).to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention, visual=visual.expand(K, -1, -1)).logits
+    Q = visual.shape[1]
+    # logits at position p predict token p+1; the text starts after the Q visual slots.
+    return _scores(logits[:, Q - 1 : -1], labels)
 
 
 def _score_encoder_decoder(model, visual, prompt_ids, candidate_ids, device):
@@ -82,4 +72,4 @@ def _score_encoder_decoder(model, visual, prompt_ids, candidate_ids, device):
     out = model.language_model(
         encoder_outputs=(hidden,), attention_mask=mask.expand(K, -1), labels=labels
     )
-    return sequence_log_likelihoods(out.logits, labels)
+    return _scores(out.logits, labels)
