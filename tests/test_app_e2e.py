@@ -36,6 +36,15 @@ def app_and_model(tiny_checkpoints):
     return app_for(folder), load_pretrained(folder)
 
 
+@pytest.fixture(scope="module")
+def slow_app_and_model(tiny_checkpoints):
+    """(server, model) on a tiny model with a long context that decodes for seconds: Stop and a
+    leaving client need an answer still running when they act. The shipped nano model's context
+    (256 tokens) ends any answer within about a second."""
+    folder = tiny_checkpoints("instructblip-llama", **APP_MODEL_SIZES)
+    return app_for(folder), load_pretrained(folder)
+
+
 def test_three_turns_about_an_image_then_a_new_image(app_and_model):
     server, model = app_and_model
     client = server.client()
@@ -59,8 +68,8 @@ def test_three_turns_about_an_image_then_a_new_image(app_and_model):
     # Its accuracy on fresh samples is measured in test_nano_model.py.
 
 
-def test_stop_ends_the_generation_compute_not_just_the_stream(app_and_model):
-    server, model = app_and_model
+def test_stop_ends_the_generation_compute_not_just_the_stream(slow_app_and_model):
+    server, model = slow_app_and_model
     client = server.client()
     ask(client, "What colour is the circle?", CIRCLE_AND_SQUARE)
     longest = dict(max_new_tokens=450, min_new_tokens=450)  # ~7 s of decoding on 2 cores if not stopped
@@ -88,9 +97,9 @@ def test_stop_ends_the_generation_compute_not_just_the_stream(app_and_model):
         model, [("What colour is the circle?", CIRCLE_AND_SQUARE), ("What colour is the square?", None)])[-1]
 
 
-def test_a_client_that_leaves_mid_answer_does_not_keep_the_machine_busy(app_and_model):
+def test_a_client_that_leaves_mid_answer_does_not_keep_the_machine_busy(slow_app_and_model):
     """A closed tab cancels its event; the decoding loop must end with it (the peers' demos kept generating)."""
-    server, _ = app_and_model
+    server, _ = slow_app_and_model
     client = server.client()
     ask(client, "What colour is the circle?", CIRCLE_AND_SQUARE)
     job = client.submit({"text": "Describe the image in detail.", "files": []}, api_name="/chat",
