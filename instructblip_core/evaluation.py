@@ -122,10 +122,7 @@ class Evaluator:
         return batch
 
     def generate(self, model, items: list[dict]) -> list[str]:
-        tok = self.processor.tokenizer
-        gen_config = getattr(model.language_model, "generation_config", None)
-        eos = getattr(gen_config, "eos_token_id", None) or tok.eos_token_id
-        kwargs = self.generation.to_generate_kwargs(pad_token_id=tok.pad_token_id, eos_token_id=eos)
+        kwargs = self.generation.generate_kwargs_for(model.language_model, self.processor.tokenizer)
         ids = model.generate_ids(**self._prompt_batch(model, items), **kwargs)  # (B, T_new)
         return self.processor.decode(ids)
 

@@ -52,6 +52,13 @@ class GenerationOptions:
             raise TypeError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
         return cls(**kwargs)
 
+    def generate_kwargs_for(self, language_model, tokenizer) -> dict:
+        """`to_generate_kwargs` with the LLM's own EOS (its generation config may list several,
+        e.g. Vicuna's) falling back to the tokenizer's, and the tokenizer's pad id."""
+        gen_config = getattr(language_model, "generation_config", None)
+        eos = getattr(gen_config, "eos_token_id", None) or tokenizer.eos_token_id
+        return self.to_generate_kwargs(pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+
     def to_generate_kwargs(self, pad_token_id: int | None, eos_token_id) -> dict:
         """Arguments for transformers' `generate`, leaving out what the chosen mode ignores."""
         kwargs = dict(

@@ -121,10 +121,7 @@ class InstructBlip:
         )
 
     def generation_kwargs(self, options: GenerationOptions) -> dict:
-        tok = self.processor.tokenizer
-        gen_config = getattr(self.model.language_model, "generation_config", None)
-        eos = getattr(gen_config, "eos_token_id", None) or tok.eos_token_id
-        return options.to_generate_kwargs(pad_token_id=tok.pad_token_id, eos_token_id=eos)
+        return options.generate_kwargs_for(self.model.language_model, self.processor.tokenizer)
 
     def _decoder(self, batch, options: GenerationOptions):
         """A `generate_ids` call with everything bound but the streamer/stopping criteria."""
