@@ -134,9 +134,23 @@ class ChatSession:
         if self.turns and self.turns[-1].segment != self.segment:
             raise ChatError("the latest question was about the previous image; ask it again about this one")
         last = self.undo()
-        return self.stream(last.question, stop=stop, **options)
+        return self._instead_of(last, last.question, stop, options)
 
     def edit_last(self, text: str, **options) -> str:
         """Replace the latest question with `text` and answer it."""
-        self.undo()
-        return self.ask(text, **options)
+        last = self.undo()
+        return "".join(self._instead_of(last, text, None, options))
+
+    def _instead_of(self, old: Turn, question: str, stop: threading.Event | None, options: dict) -> Iterator[str]:
+        """Answer `question` in place of the turn `old`, already taken off the transcript.
+
+        If the new answer fails before it is recorded (out of memory, a message that no longer
+        fits, a bad setting), `old` goes back: a failed retry must not cost the user the turn.
+        """
+        try:
+            yield from self.stream(question, stop=stop, **options)
+        except GeneratorExit:  # the reader left: stream() has recorded what it saw
+            raise
+        except BaseException:
+            self.turns.append(old)
+            raise

@@ -116,6 +116,20 @@ def test_undo_retry_edit_reset(model):
         chat.undo()
 
 
+def test_failed_retry_or_edit_keeps_the_turn(model):
+    """A retry or edit that fails before answering (here: settings that no longer fit the
+    context, an empty edit) leaves the transcript as it was, answer included."""
+    chat = ChatSession(model)
+    first = chat.ask("what is it?", image=coloured("red"), **GREEDY)
+    with pytest.raises(ChatError, match="context"):
+        chat.retry(**{**GREEDY, "max_new_tokens": model.context_length})
+    assert [(t.question, t.answer) for t in chat.turns] == [("what is it?", first)]
+    with pytest.raises(ChatError, match="empty"):
+        chat.edit_last("   ", **GREEDY)
+    assert [(t.question, t.answer) for t in chat.turns] == [("what is it?", first)]
+    assert chat.retry(**GREEDY) == first  # and the session still works
+
+
 def test_user_errors(model):
     chat = ChatSession(model)
     with pytest.raises(ChatError, match="no image yet"):
