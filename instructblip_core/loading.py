@@ -103,9 +103,33 @@ def quantized_llm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def tensor_dtype(name: str, config: InstructBlipConfig, dtype: torch.dtype, llm_dtype: torch.dtype) -> torch.dtype:
-    """As transformers keeps them: the query tokens in fp32 always, a BLIP-2 Q-Former in fp32."""
-    if name == "query_tokens" or (config.model_type == BLIP2 and name.startswith("qformer.")):
+# What transformers keeps in fp32 when asked for fp16 (`_keep_in_fp32_modules`): the composite
+# model's own list, and the LLM's (T5: "wo", whose activations overflow fp16).
+COMPOSITE_KEEP_IN_FP32 = {BLIP2: ("query_tokens", "qformer")}
+DEFAULT_KEEP_IN_FP32 = ("query_tokens",)
+
+
+def keep_in_fp32_patterns(model: InstructBlipForConditionalGeneration, dtype: torch.dtype | None) -> list[str]:
+    """Patterns of the weights kept in fp32 for `dtype` (None: the list whatever the dtype,
+    which transformers also leaves out of 8/4-bit quantisation)."""
+    llm = model.language_model
+    loose = [*COMPOSITE_KEEP_IN_FP32.get(model.config.model_type, DEFAULT_KEEP_IN_FP32),
+             *(getattr(llm, "_keep_in_fp32_modules", None) or [])]
+    strict = list(getattr(llm, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype is None:
+        return loose + strict
+    return (loose if dtype == torch.float16 else []) + (strict if dtype in (torch.float16, torch.bfloat16) else [])
+
+
+def name_matcher(patterns: list[str]) -> re.Pattern | None:
+    """transformers' rule: a pattern (with * globs) searched anywhere in the full weight name.
+    So T5's "wo" also matches the Q-Former's "word_embeddings", which the reference therefore
+    loads in fp32 as well; parity means doing the same."""
+    return re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns)) if patterns else None
+
+
+def tensor_dtype(name: str, keep: re.Pattern | None, dtype: torch.dtype, llm_dtype: torch.dtype) -> torch.dtype:
+    if keep is not None and keep.search(name):
         return torch.float32
     return llm_dtype if name.startswith("language_model.") else dtype
 
@@ -122,6 +146,8 @@ def load_weights(model, files: list[Path], dtype: torch.dtype, device: torch.dev
     # stored separately in the checkpoint (Flan-T5 unties it), and must be accepted then.
     expected = dict(model.named_parameters(remove_duplicate=False))
     expected.update({n: b for n, b in model.named_buffers() if n in model.state_dict()})
+    # fp16 activations reach the LLM in its own dtype when the LLM is quantised (bnb computes in 16 bits)
+    keep = name_matcher(keep_in_fp32_patterns(model, llm_dtype if llm_dtype not in (None, dtype) else dtype))
     unexpected, loaded = [], set()
     for name, tensor in iter_tensors(files):
         if name not in expected:
@@ -129,7 +155,7 @@ def load_weights(model, files: list[Path], dtype: torch.dtype, device: torch.dev
             continue
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(expected[name].shape)}")
-        target = tensor_dtype(name, model.config, dtype, llm_dtype or dtype)
+        target = tensor_dtype(name, keep, dtype, llm_dtype or dtype)
         value = tensor.to(target) if tensor.is_floating_point() else tensor
         set_module_tensor_to_device(model, name, device, value=value, dtype=value.dtype)
         loaded.add(name)
@@ -181,8 +207,11 @@ def load_pretrained(
     # bitsandbytes quantises when a CPU tensor moves to the target device, so the LLM waits on the CPU.
     load_weights(model, weight_files(folder), dtype, torch.device("cpu") if bits else device, llm_dtype)
     if bits:
-        quantize_linear_layers(model.language_model, bits, llm_dtype, device)
-        model.to(device)
+        skip = name_matcher(keep_in_fp32_patterns(model, None))
+        quantize_linear_layers(model.language_model, bits, llm_dtype, device, skip=skip, prefix="language_model.")
+    # The buffers built with the model (Q-Former position ids, rotary tables) are not in the
+    # checkpoint and were made on the CPU: they follow the weights to the device.
+    model.to(device)
     model.eval()
     processor = Processor.from_folder(
         folder,

@@ -8,6 +8,8 @@ transformers, because quantising the logits layer costs accuracy for little memo
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -42,17 +44,23 @@ def _quantized_linear(linear: nn.Linear, bits: int, compute_dtype: torch.dtype, 
     return new.to(device)
 
 
-def quantize_linear_layers(module: nn.Module, bits: int, compute_dtype: torch.dtype, device: torch.device | str) -> int:
-    """Replace every nn.Linear under `module` (except KEEP_IN_FLOAT) in place. Returns how many."""
+def quantize_linear_layers(
+    module: nn.Module, bits: int, compute_dtype: torch.dtype, device: torch.device | str,
+    *, skip: re.Pattern | None = None, prefix: str = "",
+) -> int:
+    """Replace every nn.Linear under `module` in place, except KEEP_IN_FLOAT and those whose full
+    name (`prefix` + name) `skip` matches (transformers' keep-in-fp32 list). Returns how many."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     device = torch.device(device)
     count = 0
     for name, child in list(module.named_modules()):
         for child_name, leaf in list(child.named_children()):
-            if type(leaf) is nn.Linear and child_name not in KEEP_IN_FLOAT:
-                setattr(child, child_name, _quantized_linear(leaf, bits, compute_dtype, device))
-                count += 1
+            full = f"{prefix}{name}.{child_name}" if name else f"{prefix}{child_name}"
+            if type(leaf) is not nn.Linear or child_name in KEEP_IN_FLOAT or (skip is not None and skip.search(full)):
+                continue
+            setattr(child, child_name, _quantized_linear(leaf, bits, compute_dtype, device))
+            count += 1
     return count
 
 

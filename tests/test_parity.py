@@ -130,3 +130,27 @@ def test_batched_prompts_give_the_same_text_as_one_by_one(pair, num_beams):
     single = [ours.generate(img, p, **options)[0] for img, p in zip(images, prompts)]
     assert batched == single
     assert len(set(single)) > 1  # different inputs, different answers: the comparison means something
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_precision_keeps_the_reference_dtypes_and_logits(kind, dtype, tiny_checkpoints):
+    """In fp16 transformers keeps some weights in fp32 (the query tokens, a BLIP-2 Q-Former,
+    T5's `wo`, and by its name matching the Q-Former's word embeddings next to T5); in bf16
+    it keeps none. Ours loads every weight in the reference's dtype, so the logits agree to
+    the last bit the arithmetic allows and greedy decoding picks the same tokens."""
+    folder = tiny_checkpoints(kind)
+    reference = reference_class(kind).from_pretrained(folder, dtype=dtype).eval()
+    ours = load_pretrained(folder, dtype=dtype)
+    expected = {n: p.dtype for n, p in reference.named_parameters()}
+    got = {n: p.dtype for n, p in ours.model.named_parameters()}
+    assert {n: (got.get(n), d) for n, d in expected.items() if got.get(n) != d} == {}
+    if dtype == torch.float16 and kind.endswith("t5"):
+        assert got["language_model.encoder.block.0.layer.1.DenseReluDense.wo.weight"] == torch.float32
+    processor = AutoProcessor.from_pretrained(folder)
+    image = make_image(3)
+    ref_inputs = reference_inputs(processor, image, PROMPT, kind)
+    ref_inputs["pixel_values"] = ref_inputs["pixel_values"].to(dtype)
+    expected_ids = reference_new_tokens(reference, ref_inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    expected_text = [t.strip() for t in processor.tokenizer.batch_decode(expected_ids, skip_special_tokens=True)]
+    assert ours.generate(image, PROMPT, max_new_tokens=8, min_new_tokens=8) == expected_text
