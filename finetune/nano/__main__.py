@@ -48,9 +48,14 @@ class Budget:
     """Steps of each stage: full recipe (<= 45 min on 2 cores) or --quick (a smoke run)."""
 
     def __init__(self, quick: bool):
-        full = dict(vision=400, text=200, stage1=150, stage2=150, instruct=1600)
+        full = dict(vision=400, text=1600, stage1=250, stage2=300, instruct=1200)
         self.steps = {k: 4 for k in full} if quick else full
         self.quick = quick
+
+
+def training_device() -> str:
+    """The GPU when there is one (the trainer's stages pick it through accelerate too)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def log_to(path: Path):
@@ -97,7 +102,8 @@ def step_vision(work: Path, manifest, steps: int, log):
     records = [json.loads(line) for line in (manifest.root / "pretrain_captions.jsonl").read_text().splitlines() if line]
     processor = build_model.image_processor()
     pixels = torch.stack([processor.pixel_values(load_image(manifest.root / r["image"])) for r in records])  # (N, 3, S, S)
-    result = pretrain_vision(config, pixels, [r["scene"] for r in records], steps=steps, batch_size=32, log=log)
+    result = pretrain_vision(config, pixels, [r["scene"] for r in records], steps=steps, batch_size=32,
+                             device=training_device(), log=log)
     log(f"vision pretraining: {result.seconds:.0f} s, held-back accuracy " + json.dumps({k: round(v, 3) for k, v in result.accuracy.items()}))
     (work / "vision_accuracy.json").write_text(json.dumps(result.accuracy, indent=1))
     save_file(result.model.state_dict(), path)
@@ -108,7 +114,8 @@ def step_text(work: Path, tokenizer, lines: list[str], steps: int, log) -> Llama
     folder = work / "llm"
     if (folder / "config.json").exists():
         return LlamaForCausalLM.from_pretrained(folder)
-    result = pretrain_text(build_model.llm_config(tokenizer), tokenizer, lines, steps=steps, batch_size=32, log=log)
+    result = pretrain_text(build_model.llm_config(tokenizer), tokenizer, lines, steps=steps, batch_size=32,
+                           device=training_device(), log=log)
     log(f"LLM pretraining: {result.seconds:.0f} s, held-back loss {result.eval_loss:.3f}")
     result.model.save_pretrained(folder)
     return result.model
@@ -151,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     vision = step_vision(work, manifest, budget.steps["vision"], log)
     if args.until == "vision":
         return 0
-    llm = step_text(work, tokenizer, corpus + instructions, budget.steps["text"], log)
+    # The LLM reads the corpus only: its grounded documents already use the instruction wording,
+    # and the bare instruction lines (question, answer, no scene) would teach it to guess.
+    llm = step_text(work, tokenizer, corpus, budget.steps["text"], log)
     if args.until == "text":
         return 0
     base = work / "base"

@@ -49,6 +49,25 @@ def image_processor() -> ImageProcessor:
     return ImageProcessor(size=(IMAGE_SIZE, IMAGE_SIZE))
 
 
+def match_word_embedding_scale(model: InstructBlipForConditionalGeneration) -> None:
+    """Scale the fresh projection so the soft prompt starts at the size of the LLM's word vectors.
+
+    The Q-Former's output is layer-normed (norm about sqrt(width) = 11), and a default-initialised
+    projection keeps that size, while this LLM's pretrained word embeddings have norm about 0.3.
+    Tokens 30x larger than any it was trained on sit in the frozen LLM's residual stream almost
+    untouched by its layers; starting at the words' scale lets the LLM read them like words.
+    """
+    import torch
+
+    projection = model.language_projection
+    with torch.no_grad():
+        words = model.language_model.get_input_embeddings().weight.norm(dim=-1).mean()
+        probe = torch.nn.functional.layer_norm(torch.randn(1024, projection.in_features), (projection.in_features,))
+        soft = projection(probe).norm(dim=-1).mean()
+        projection.weight.mul_(words / soft)
+        projection.bias.zero_()
+
+
 def assemble(
     folder: Path,
     vision: VisionModel,
@@ -68,6 +87,7 @@ def assemble(
     )
     model = InstructBlipForConditionalGeneration(config, language_model=llm)
     model.vision_model.load_state_dict(vision.state_dict())
+    match_word_embedding_scale(model)
     processor = Processor(image_processor(), tokenizer, qformer_tokenizer, NUM_QUERY_TOKENS, is_encoder_decoder=False)
     InstructBlip(model, processor).save_pretrained(folder)
     return folder

@@ -50,8 +50,9 @@ def pretrain_text(
     *,
     steps: int,
     batch_size: int = 64,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
     seed: int = 0,
+    device: str | torch.device = "cpu",
     log=print,
 ) -> TextPretrainResult:
     started = time.perf_counter()
@@ -60,7 +61,7 @@ def pretrain_text(
     rows = encode_lines(tokenizer, lines, config.max_position_embeddings)
     n_eval = max(1, len(rows) // 50)
     train, held = rows[:-n_eval], rows[-n_eval:]
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -69,7 +70,7 @@ def pretrain_text(
     model.train()
     for step in range(steps):
         ids, mask = _batch(rng.sample(train, min(batch_size, len(train))), tokenizer.pad_token_id)
-        loss = lm_loss(model, ids, mask)
+        loss = lm_loss(model, ids.to(device), mask.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -79,5 +80,6 @@ def pretrain_text(
             log(f"text step {step}/{steps} loss {loss.item():.3f}")
     model.eval()
     with torch.no_grad():
-        losses = [lm_loss(model, *_batch(held[i : i + 64], tokenizer.pad_token_id)).item() for i in range(0, len(held), 64)]
-    return TextPretrainResult(model, sum(losses) / len(losses), time.perf_counter() - started)
+        losses = [lm_loss(model, *(t.to(device) for t in _batch(held[i : i + 64], tokenizer.pad_token_id))).item()
+                  for i in range(0, len(held), 64)]
+    return TextPretrainResult(model.cpu(), sum(losses) / len(losses), time.perf_counter() - started)

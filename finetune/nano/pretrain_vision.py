@@ -93,6 +93,7 @@ def pretrain_vision(
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
+    device: str | torch.device = "cpu",
     log=print,
 ) -> VisionPretrainResult:
     """pixels (N, 3, S, S) preprocessed images; scenes their ground truth. The last 5% are held back."""
@@ -108,6 +109,8 @@ def pretrain_vision(
     train_idx = list(range(len(scenes) - n_eval))
     model, heads = VisionModel(config), PretrainHeads(config.hidden_size)
     _init_vit(model)
+    model, heads = model.to(device), heads.to(device)
+    pixels, targets = pixels.to(device), {k: v.to(device) for k, v in targets.items()}
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     warmup = max(1, steps // 20)
@@ -129,7 +132,7 @@ def pretrain_vision(
     held = list(range(len(scenes) - n_eval, len(scenes)))
     with torch.no_grad():
         _, accuracy = heads(model(pixels[held]), {k: v[held] for k, v in targets.items()})
-    return VisionPretrainResult(model, accuracy, time.perf_counter() - started)
+    return VisionPretrainResult(model.cpu(), accuracy, time.perf_counter() - started)
 
 
 def _init_vit(model: VisionModel) -> None:
