@@ -31,6 +31,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from instructblip_core.data import InstructionDataset, load_records
 from instructblip_core.images import load_image
+from instructblip_core.prompts import TEMPLATE_KEY, PromptTemplate
 
 from . import build_model
 from .evaluate import evaluate_all, write_results
@@ -190,9 +191,22 @@ def install(model: Path, work: Path) -> None:
     tmp = INSTALL_DIR.with_name(".tmp-nano")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(model, tmp)
+    set_chat_template(tmp / "config.json")
     write_model_card(tmp, work)
     shutil.rmtree(INSTALL_DIR, ignore_errors=True)
     tmp.rename(INSTALL_DIR)
+
+
+# The small LLM has only ever seen questions inside instruction templates, so a bare chat
+# question gets a template's tail ("Reply with a short answer.") before its answer. The shipped
+# model therefore wraps chat questions in one of the short-answer templates it was tuned on.
+CHAT_TEMPLATE = PromptTemplate(raw_first_turn=False, current="Question: {question} Short answer:")
+
+
+def set_chat_template(config_file: Path) -> None:
+    config = json.loads(config_file.read_text())
+    config[TEMPLATE_KEY] = CHAT_TEMPLATE.to_dict()
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
