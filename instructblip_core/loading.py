@@ -146,8 +146,8 @@ def load_weights(model, files: list[Path], dtype: torch.dtype, device: torch.dev
     # stored separately in the checkpoint (Flan-T5 unties it), and must be accepted then.
     expected = dict(model.named_parameters(remove_duplicate=False))
     expected.update({n: b for n, b in model.named_buffers() if n in model.state_dict()})
-    # fp16 activations reach the LLM in its own dtype when the LLM is quantised (bnb computes in 16 bits)
-    keep = name_matcher(keep_in_fp32_patterns(model, llm_dtype if llm_dtype not in (None, dtype) else dtype))
+    # A quantised LLM computes in fp16 even when the rest is fp32: its dtype decides what stays fp32.
+    keep = name_matcher(keep_in_fp32_patterns(model, llm_dtype or dtype))
     unexpected, loaded = [], set()
     for name, tensor in iter_tensors(files):
         if name not in expected:

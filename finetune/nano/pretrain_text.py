@@ -8,7 +8,6 @@ Q-Former's soft prompt will steer it to answer in.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from .pretrain_steps import PretrainOptimizer
 
 
 @dataclass
@@ -62,20 +63,12 @@ def pretrain_text(
     n_eval = max(1, len(rows) // 50)
     train, held = rows[:-n_eval], rows[-n_eval:]
     model = LlamaForCausalLM(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    optimizer = PretrainOptimizer(model.parameters(), lr=lr, steps=steps, betas=(0.9, 0.95))
     model.train()
     for step in range(steps):
         ids, mask = _batch(rng.sample(train, min(batch_size, len(train))), tokenizer.pad_token_id)
         loss = lm_loss(model, ids.to(device), mask.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer.step(loss)
         if step % 100 == 0 or step == steps - 1:
             log(f"text step {step}/{steps} loss {loss.item():.3f}")
     model.eval()

@@ -9,7 +9,6 @@ patch tokens, so each must say what is at its place.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from torch import nn
 from instructblip_core.config import VisionConfig
 from instructblip_core.vision import VisionModel
 
+from .pretrain_steps import PretrainOptimizer
 from .render import object_mask
 from .world import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXTS, SceneObject
 
@@ -111,21 +111,12 @@ def pretrain_vision(
     _init_vit(model)
     model, heads = model.to(device), heads.to(device)
     pixels, targets = pixels.to(device), {k: v.to(device) for k, v in targets.items()}
-    params = list(model.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    optimizer = PretrainOptimizer([*model.parameters(), *heads.parameters()], lr=lr, steps=steps)
     model.train()
     for step in range(steps):
         batch = rng.sample(train_idx, min(batch_size, len(train_idx)))
         loss, acc = heads(model(pixels[batch]), {k: v[batch] for k, v in targets.items()})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer.step(loss)
         if step % 100 == 0 or step == steps - 1:
             log(f"vision step {step}/{steps} loss {loss.item():.3f} " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     model.eval()
