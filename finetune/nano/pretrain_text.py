@@ -1,9 +1,10 @@
 """Pretraining the small model's LLM on the world's text, after which it is frozen (like Vicuna).
 
 A LLaMA-architecture decoder (transformers' `LlamaForCausalLM`, so the checkpoint is an
-ordinary LLaMA) learns the world's sentences, question/answer pairs and the instruction
-phrasings of the template library: a frozen LLM must already speak the language the
-Q-Former's soft prompt will steer it to answer in.
+ordinary LLaMA) learns the world's corpus (`splits.text_corpus`): sentences, and mostly
+scene descriptions followed by held-in instructions and their answers. A frozen LLM must
+already speak the language the Q-Former's soft prompt will steer it to answer in, and must
+already read its answers back from its context.
 """
 
 from __future__ import annotations
