@@ -71,3 +71,22 @@ def test_rerun_resumes_instead_of_starting_over(quick_run):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stage1: export exists" in result.stdout and "stage2: export exists" in result.stdout
     assert "vision step" not in result.stdout and "text step" not in result.stdout
+
+
+def test_llm_pretraining_batches_are_length_bucketed_samples_of_the_corpus():
+    import random
+
+    from finetune.nano.pretrain_text import length_bucketed_batches
+
+    rng = random.Random(0)
+    rows = [[i] * rng.randint(3, 180) for i in range(2000)]  # row i is made of id i, lengths like the corpus
+    batches = length_bucketed_batches(rows, 32, random.Random(1))
+    drawn = [next(batches) for _ in range(200)]
+    assert all(len(b) == 32 for b in drawn)
+    assert all(r is rows[r[0]] for b in drawn for r in b)  # real rows, unchanged
+    assert all(len({r[0] for r in b}) == 32 for b in drawn)  # no row twice in a batch
+    seen = {r[0] for b in drawn for r in b}
+    assert len(seen) > 1900  # 6400 draws cover nearly the whole corpus, not one length band
+    text = sum(len(r) for b in drawn for r in b)
+    padded = sum(max(map(len, b)) * len(b) for b in drawn)
+    assert text / padded > 0.9  # random batches of these lengths are about half padding

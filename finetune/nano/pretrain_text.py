@@ -32,6 +32,22 @@ def encode_lines(tokenizer: PreTrainedTokenizerBase, lines: list[str], max_len: 
     return [ids[: max_len - 1] + [tokenizer.eos_token_id] for ids in tokenizer(lines).input_ids]
 
 
+def length_bucketed_batches(rows: list[list[int]], batch_size: int, rng: random.Random, pool: int = 16):
+    """Endless batches of rows of similar length: draw `pool` batches' worth at random, sort them
+    by length, cut into batches, and hand those out in random order.
+
+    The documents run from a few tokens to about 180 (median 67), so random batches padded to
+    their longest row were half padding; bucketed ones are about 95% text, which halves the
+    cost of a step on the CPU without changing what a step sees on average.
+    """
+    batch_size = min(batch_size, len(rows))
+    while True:
+        drawn = sorted(rng.sample(rows, min(batch_size * pool, len(rows))), key=len)
+        batches = [drawn[i : i + batch_size] for i in range(0, len(drawn) - batch_size + 1, batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
 def _batch(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, rows))
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (B, T)
@@ -66,8 +82,9 @@ def pretrain_text(
     model = LlamaForCausalLM(config).to(device)
     optimizer = PretrainOptimizer(model.parameters(), lr=lr, steps=steps, betas=(0.9, 0.95))
     model.train()
+    batches = length_bucketed_batches(train, batch_size, rng)
     for step in range(steps):
-        ids, mask = _batch(rng.sample(train, min(batch_size, len(train))), tokenizer.pad_token_id)
+        ids, mask = _batch(next(batches), tokenizer.pad_token_id)
         loss = lm_loss(model, ids.to(device), mask.to(device))
         optimizer.step(loss)
         if step % 100 == 0 or step == steps - 1:
