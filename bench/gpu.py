@@ -329,7 +329,13 @@ def load_reference(folder: Path, mode: str, device, dtype):
             llm_int8_skip_modules=["vision_model", "qformer", "language_projection", "lm_head"],
         )
     model = InstructBlipForConditionalGeneration.from_pretrained(folder, **kwargs).eval()
-    return model, AutoProcessor.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    # With torchvision installed (the GPU machines) AutoProcessor picks the torch-resize backend,
+    # whose pixels differ from PIL's by up to one 8-bit level (0.015 after normalising). Ours
+    # follows the PIL backend (instructblip_core/images.py), so the reference must too, or the
+    # two models see different images and their tokens part for that reason alone.
+    processor.image_processor = BlipImageProcessorPil.from_pretrained(folder)
+    return model, processor
 
 
 def timed_load(fn):
