@@ -56,6 +56,7 @@ ENV_VARS = {  # flag -> environment variable (Spaces has no command line)
     "dtype": "INSTRUCTBLIP_DTYPE",
     "load_in_8bit": "INSTRUCTBLIP_LOAD_IN_8BIT",
     "load_in_4bit": "INSTRUCTBLIP_LOAD_IN_4BIT",
+    "static_cache": "INSTRUCTBLIP_STATIC_CACHE",
     "host": "INSTRUCTBLIP_HOST",
     "port": "INSTRUCTBLIP_PORT",
     "share": "INSTRUCTBLIP_SHARE",
@@ -87,6 +88,7 @@ class AppSettings:
     dtype: str | None = None  # None: the engine's default (fp32 on CPU, bf16/fp16 on GPU)
     load_in_8bit: bool = False
     load_in_4bit: bool = False
+    static_cache: bool = False  # static KV cache: on CUDA, decoding compiled into CUDA graphs
     host: str = "127.0.0.1"
     port: int = 7860
     share: bool = False
@@ -127,6 +129,9 @@ def parse_args(argv: Sequence[str] | None = None) -> AppSettings:
         help="quantise the LLM to 8 bits (bitsandbytes)")
     add("--load-in-4bit", "load_in_4bit", action="store_true", default=_env_flag(ENV_VARS["load_in_4bit"]),
         help="quantise the LLM to 4 bits, NF4 (bitsandbytes)")
+    add("--static-cache", "static_cache", action="store_true", default=_env_flag(ENV_VARS["static_cache"]),
+        help="experimental: decode with a static KV cache; on CUDA transformers compiles the decode step into CUDA graphs "
+             "(faster answers after the first ones, which wait while it compiles; not with 8/4-bit or beams)")
     add("--host", "host", default=_env("host", "GRADIO_SERVER_NAME", default=d.host),
         help="address to listen on, 0.0.0.0 for every interface (default 127.0.0.1; also GRADIO_SERVER_NAME)")
     add("--port", "port", type=int, default=_env("port", "GRADIO_SERVER_PORT", default=str(d.port)),
@@ -177,10 +182,12 @@ def load_model(settings: AppSettings) -> InstructBlip:
         )
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return load_pretrained(settings.model, device=device, dtype=settings.dtype,
-                               load_in_8bit=settings.load_in_8bit, load_in_4bit=settings.load_in_4bit)
+        model = load_pretrained(settings.model, device=device, dtype=settings.dtype,
+                                load_in_8bit=settings.load_in_8bit, load_in_4bit=settings.load_in_4bit)
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load model {settings.model}: {e}") from e
+    model.static_cache = settings.static_cache
+    return model
 
 
 # ----------------------------------------------------------------------------- per-model facts
@@ -295,8 +302,8 @@ class UserSession:
         try:
             picture = load_image(path)
         except ImageError as e:  # name the file as the user knows it, not by its upload path
-            message = str(e).replace(path, Path(path).name).replace(" (set max_pixels to allow it)", "; please use a smaller image")
-            raise ImageError(message) from e
+            advice = "please use a smaller image" if e.kind == "too_large" else None  # not our max_pixels setting
+            raise e.reworded(Path(path).name, advice=advice) from e
         self.chat.set_image(picture)
         self.pictures[self.chat.segment] = path
 

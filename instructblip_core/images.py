@@ -45,7 +45,35 @@ __all__ = ["DEFAULT_MAX_PIXELS", "ImageError", "ImageProcessor", "load_image", "
 
 
 class ImageError(ValueError):
-    """One specific, readable problem with an input image (message names the file and the problem)."""
+    """One specific, readable problem with an input image.
+
+    str(error) is one sentence that names the image and the problem. For callers that word it
+    their own way (the app names an upload by the name its user gave the file, and gives its
+    own advice instead of ours):
+      kind     "missing", "unreadable" (no permission, a URL, a directory, a closed file),
+               "empty", "corrupt", "too_large", "no_pixels", or "unsupported" (a format,
+               mode, type or array we do not read)
+      subject  how the sentence names the image (a path, "the numpy image"), or None
+      advice   the sentence's closing hint in brackets, or None
+    """
+
+    KINDS = ("missing", "unreadable", "empty", "corrupt", "too_large", "no_pixels", "unsupported")
+
+    def __init__(self, message: str, kind: str = "unsupported", *, subject: str | None = None,
+                 advice: str | None = None):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown ImageError kind {kind!r}")
+        super().__init__(f"{message} ({advice})" if advice else message)
+        self.message, self.kind, self.subject, self.advice = message, kind, subject, advice
+
+    def reworded(self, subject: str | None = None, advice: str | None = None) -> "ImageError":
+        """The same error naming the image `subject` (when it named one), with `advice` instead of ours."""
+        message = self.message
+        if subject is not None and self.subject:
+            message = message.replace(self.subject, subject, 1)
+        error = ImageError(message, self.kind, subject=subject if self.subject else None, advice=advice)
+        error.__cause__ = self
+        return error
 
 
 # Decompression-bomb guard. A tiny PNG/GIF can declare 50,000 x 50,000 pixels and decode to
@@ -85,7 +113,8 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     try:
         return _rgb_like_transformers(image)
     except ValueError as e:  # e.g. "La": Pillow has no conversion path for it
-        raise ImageError(f"{_name_of(image)} has mode {image.mode}, which cannot be converted to RGB ({e})") from e
+        raise ImageError(f"{_name_of(image)} has mode {image.mode}, which cannot be converted to RGB ({e})",
+                         subject=_name_of(image)) from e
 
 
 def _rgb_like_transformers(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -133,23 +162,24 @@ def _decode_path(path: str, max_pixels: int | None) -> PIL.Image.Image:
             # Decode while the file is open; the returned image no longer needs it.
             return _decode_stream(fp, path, max_pixels)
     except PermissionError as e:
-        raise ImageError(f"{path} cannot be read (permission denied)") from e
+        raise ImageError(f"{path} cannot be read (permission denied)", "unreadable", subject=path) from e
 
 
 def _check_path(path: str) -> None:
     if re.match(r"^https?://", path):
-        raise ImageError(f"{path} is a URL; only local files are read (download it first)")
+        raise ImageError(f"{path} is a URL; only local files are read", "unreadable", subject=path,
+                         advice="download it first")
     if os.path.isdir(path):
-        raise ImageError(f"{path} is a directory, not an image file")
+        raise ImageError(f"{path} is a directory, not an image file", "unreadable", subject=path)
     if not os.path.exists(path):
-        raise ImageError(f"{path} does not exist")
+        raise ImageError(f"{path} does not exist", "missing", subject=path)
     if os.path.getsize(path) == 0:
-        raise ImageError(f"{path} is empty (0 bytes)")
+        raise ImageError(f"{path} is empty (0 bytes)", "empty", subject=path)
 
 
 def _decode_bytes(data: bytes, name: str, max_pixels: int | None) -> PIL.Image.Image:
     if not data:
-        raise ImageError(f"{name} is empty (0 bytes)")
+        raise ImageError(f"{name} is empty (0 bytes)", "empty", subject=name)
     return _decode_stream(io.BytesIO(data), name, max_pixels)
 
 
@@ -159,13 +189,13 @@ def _decode_file_object(fp: BinaryIO, max_pixels: int | None) -> PIL.Image.Image
     if not seekable:  # Pillow needs to seek; pipes and HTTP bodies cannot
         data = fp.read()
         if not isinstance(data, (bytes, bytearray)):
-            raise ImageError(f"{name} is not a binary file (read() returned {type(data).__name__})")
+            raise ImageError(f"{name} is not a binary file (read() returned {type(data).__name__})", subject=name)
         return _decode_bytes(bytes(data), name, max_pixels)
     start = fp.tell()
     end = fp.seek(0, io.SEEK_END)
     fp.seek(start)
     if end == start:
-        raise ImageError(f"{name} is empty (0 bytes)")
+        raise ImageError(f"{name} is empty (0 bytes)", "empty", subject=name)
     return _decode_stream(fp, name, max_pixels)
 
 
@@ -191,7 +221,7 @@ def _identify(fp: BinaryIO, name: str, max_pixels: int | None) -> PIL.Image.Imag
     except PIL.UnidentifiedImageError as e:
         raise _unidentified_error(magic, name) from e
     except Exception as e:  # a recognised format whose header Pillow rejects
-        raise ImageError(f"{name} is truncated or corrupt: {_describe(e)}") from e
+        raise ImageError(f"{name} is truncated or corrupt: {_describe(e)}", "corrupt", subject=name) from e
 
 
 def _load(image: PIL.Image.Image, name: str) -> None:
@@ -206,10 +236,11 @@ def _load(image: PIL.Image.Image, name: str) -> None:
         raise _bomb_error(e, name, None) from e
     except ValueError as e:
         if "closed file" in str(e):  # a lazy Image.open(...) whose `with` block already ended
-            raise ImageError(f"{name} was closed before its pixels were read (load it inside the with block)") from e
-        raise ImageError(f"{name} is truncated or corrupt: {_describe(e)}") from e
+            raise ImageError(f"{name} was closed before its pixels were read", "unreadable", subject=name,
+                             advice="load it inside the with block") from e
+        raise ImageError(f"{name} is truncated or corrupt: {_describe(e)}", "corrupt", subject=name) from e
     except Exception as e:  # OSError, SyntaxError, EOFError, struct.error, zlib errors ...
-        raise ImageError(f"{name} is truncated or corrupt: {_describe(e)}") from e
+        raise ImageError(f"{name} is truncated or corrupt: {_describe(e)}", "corrupt", subject=name) from e
 
 
 def _exif_upright(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -226,13 +257,11 @@ def _exif_upright(image: PIL.Image.Image) -> PIL.Image.Image:
 def _check_pixels(size: tuple[int, int], name: str, max_pixels: int | None) -> None:
     width, height = size
     if width <= 0 or height <= 0:
-        raise ImageError(f"{name} is {width}x{height}: it has no pixels")
+        raise ImageError(f"{name} is {width}x{height}: it has no pixels", "no_pixels", subject=name)
     pixels = width * height
     if max_pixels is not None and pixels > max_pixels:
-        raise ImageError(
-            f"{name} is {width}x{height} = {pixels:,} pixels, over the limit of {max_pixels:,} "
-            "(set max_pixels to allow it)"
-        )
+        raise ImageError(f"{name} is {width}x{height} = {pixels:,} pixels, over the limit of {max_pixels:,}",
+                         "too_large", subject=name, advice="set max_pixels to allow it")
 
 
 def _bomb_error(e: Exception, name: str, max_pixels: int | None) -> ImageError:
@@ -241,14 +270,12 @@ def _bomb_error(e: Exception, name: str, max_pixels: int | None) -> ImageError:
     found = re.search(r"\((\d+) pixels\)", str(e))
     pixels = int(found.group(1)) if found else None
     if pixels is not None and max_pixels is not None and pixels > max_pixels:
-        return ImageError(
-            f"{name} has {pixels:,} pixels, over the limit of {max_pixels:,} (set max_pixels to allow it)"
-        )
+        return ImageError(f"{name} has {pixels:,} pixels, over the limit of {max_pixels:,}", "too_large",
+                          subject=name, advice="set max_pixels to allow it")
     count = f"{pixels:,} pixels" if pixels is not None else "too many pixels"
     return ImageError(
-        f"{name} has {count}, over Pillow's decompression-bomb limit of "
-        f"{2 * (PIL.Image.MAX_IMAGE_PIXELS or 0):,} "
-        "(raise PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels to allow it)"
+        f"{name} has {count}, over Pillow's decompression-bomb limit of {2 * (PIL.Image.MAX_IMAGE_PIXELS or 0):,}",
+        "too_large", subject=name, advice="raise PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels to allow it",
     )
 
 
@@ -264,11 +291,13 @@ _KNOWN_SIGNATURES = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF",
 def _unidentified_error(magic: bytes, name: str) -> ImageError:
     if magic[4:8] == b"ftyp" and magic[8:12] in _UNREADABLE_BRANDS:
         fmt = _UNREADABLE_BRANDS[magic[8:12]]
-        return ImageError(f"{name} is a {fmt} image, which this Pillow cannot read (convert it to JPEG or PNG)")
+        return ImageError(f"{name} is a {fmt} image, which this Pillow cannot read", subject=name,
+                          advice="convert it to JPEG or PNG")
     for signature, fmt in _KNOWN_SIGNATURES.items():
         if magic.startswith(signature):
-            return ImageError(f"{name} is truncated or corrupt: it starts like a {fmt} file but has no valid header")
-    return ImageError(f"{name} is not an image file (cannot identify image format)")
+            return ImageError(f"{name} is truncated or corrupt: it starts like a {fmt} file but has no valid header",
+                              "corrupt", subject=name)
+    return ImageError(f"{name} is not an image file (cannot identify image format)", subject=name)
 
 
 def _describe(e: Exception) -> str:
@@ -334,13 +363,13 @@ def _with_transparency_key(gray: PIL.Image.Image, values: np.ndarray, key: Any) 
 
 def _image_from_array(array: np.ndarray, max_pixels: int | None) -> PIL.Image.Image:
     if array.dtype != np.uint8:
-        raise ImageError(f"the numpy image has dtype {array.dtype}; {_ARRAY_HELP} (0-255)")
+        raise ImageError(f"the numpy image has dtype {array.dtype}; {_ARRAY_HELP} (0-255)", subject="the numpy image")
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]  # (H, W, 1) -> (H, W)
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         channels_first = array.ndim == 3 and array.shape[0] in (1, 3, 4)
         hint = " (channels first? use array.transpose(1, 2, 0))" if channels_first else ""
-        raise ImageError(f"the numpy image has shape {array.shape}; {_ARRAY_HELP}{hint}")
+        raise ImageError(f"the numpy image has shape {array.shape}; {_ARRAY_HELP}{hint}", subject="the numpy image")
     _check_pixels((array.shape[1], array.shape[0]), "the numpy image", max_pixels)
     if array.ndim == 3 and array.shape[-1] == 4:
         array = _composite_on_white(array)
@@ -440,7 +469,7 @@ class ImageProcessor:
         """One image or a list of them (any source load_image accepts) -> (B, 3, H, W) float32."""
         batch = list(images) if isinstance(images, (list, tuple)) else [images]
         if not batch:
-            raise ImageError("no images were given (empty list)")
+            raise ImageError("no images were given (empty list)", "missing")
         tensors = [self._one(image, i, len(batch)) for i, image in enumerate(batch)]
         return torch.stack(tensors)  # (B, 3, H, W)
 
@@ -450,7 +479,7 @@ class ImageProcessor:
         except ImageError as e:
             if count == 1:
                 raise
-            raise ImageError(f"image {index + 1} of {count}: {e}") from e
+            raise ImageError(f"image {index + 1} of {count}: {e}", e.kind) from e
         return self.pixel_values(image)
 
     def _rgb(self, source: Any) -> PIL.Image.Image:
@@ -458,7 +487,8 @@ class ImageProcessor:
         if self.do_convert_rgb:
             return to_rgb(image)
         if image.mode != "RGB":  # transformers would fail later with a channel-count error
-            raise ImageError(f"{_name_of(image)} has mode {image.mode}, but do_convert_rgb is False (RGB required)")
+            raise ImageError(f"{_name_of(image)} has mode {image.mode}, but do_convert_rgb is False (RGB required)",
+                             subject=_name_of(image))
         return image
 
     def pixel_values(self, image: PIL.Image.Image) -> torch.Tensor:

@@ -32,7 +32,7 @@ def sample_frames(path: str | Path, num_frames: int = DEFAULT_NUM_FRAMES) -> lis
     if num_frames < 1:
         raise ValueError("num_frames must be at least 1")
     if not path.is_file():
-        raise ImageError(f"{path.name} does not exist or is not a file")
+        raise ImageError(f"{path.name} does not exist or is not a file", "missing", subject=path.name)
     if path.suffix.lower() in ANIMATED_SUFFIXES:
         return _animated_frames(path, num_frames)
     return _video_frames(path, num_frames)
@@ -43,7 +43,7 @@ def _animated_frames(path: Path, n: int) -> list[Image.Image]:
         with Image.open(path) as im:
             frames = [to_rgb(f.copy()) for f in ImageSequence.Iterator(im)]
     except (OSError, SyntaxError) as e:
-        raise ImageError(f"{path.name} could not be read as an animated image: {e}") from e
+        raise ImageError(f"{path.name} could not be read as an animated image: {e}", "corrupt", subject=path.name) from e
     return [frames[i] for i in uniform_indices(len(frames), n)]
 
 
@@ -51,12 +51,12 @@ def _video_frames(path: Path, n: int) -> list[Image.Image]:
     try:
         import av
     except ImportError as e:
-        raise ImageError(f"{path.name}: reading video files needs PyAV (pip install av)") from e
+        raise ImageError(f"{path.name}: reading video files needs PyAV", subject=path.name, advice="pip install av") from e
     try:
         with av.open(str(path)) as container:
             frames = [f.to_image() for f in container.decode(video=0)]
     except av.error.FFmpegError as e:
-        raise ImageError(f"{path.name} is not a readable video: {e}") from e
+        raise ImageError(f"{path.name} is not a readable video: {e}", "corrupt", subject=path.name) from e
     if not frames:
-        raise ImageError(f"{path.name} holds no video frames")
+        raise ImageError(f"{path.name} holds no video frames", "empty", subject=path.name)
     return [to_rgb(frames[i]) for i in uniform_indices(len(frames), n)]

@@ -56,7 +56,7 @@ def test_a_truncated_and_an_empty_image(app_and_model, normal_answer, tmp_path):
 def test_an_image_over_the_pixel_limit(app_and_model, normal_answer, tmp_path):
     huge = tmp_path / "huge.png"
     Image.new("RGB", (7000, 6000), (200, 30, 30)).save(huge)  # 42 M pixels, a 130 KB file
-    refused_then_fine(app_and_model[0].client(), "huge.png is 7000x6000 = 42,000,000 pixels, over the limit of 40,000,000; please use a smaller image.",
+    refused_then_fine(app_and_model[0].client(), "huge.png is 7000x6000 = 42,000,000 pixels, over the limit of 40,000,000 (please use a smaller image).",
                       normal_answer, QUESTION, huge)
 
 

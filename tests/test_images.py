@@ -441,3 +441,37 @@ def test_closed_lazy_image_says_so(tmp_path):
 def test_unconvertible_mode_is_image_error():
     with pytest.raises(ImageError, match="has mode La, which cannot be converted to RGB"):
         to_rgb(PIL.Image.new("La", (4, 4)))
+
+
+def test_image_errors_say_what_kind_of_problem_and_can_be_reworded(tmp_path):
+    """Callers (the app) word errors their own way from `kind`, `subject` and `advice`, never by editing text."""
+    cases = {}
+    cases["missing"] = tmp_path / "gone.png"
+    (tmp_path / "empty.png").write_bytes(b"")
+    cases["empty"] = tmp_path / "empty.png"
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    cases["corrupt"] = tmp_path / "cut.png"
+    (tmp_path / "big.png").write_bytes(png_header_only(7000, 7000))
+    cases["too_large"] = tmp_path / "big.png"
+    (tmp_path / "notes.txt").write_text("not a picture")
+    cases["unsupported"] = tmp_path / "notes.txt"
+    (tmp_path / "folder").mkdir()
+    cases["unreadable"] = tmp_path / "folder"
+    for kind, path in cases.items():
+        with pytest.raises(ImageError) as caught:
+            load_image(path)
+        error = caught.value
+        assert (error.kind, error.subject) == (kind, str(path))
+        assert str(error).startswith(str(path))
+        reworded = error.reworded("my photo.png", advice="try another one")
+        assert reworded.kind == kind and reworded.__cause__ is error
+        assert str(reworded).startswith("my photo.png ") and str(tmp_path) not in str(reworded)
+        assert str(reworded).endswith("(try another one)")
+    too_large = ImageError("x.png is 9x9 = 81 pixels, over the limit of 10", "too_large", subject="x.png",
+                           advice="set max_pixels to allow it")
+    assert str(too_large.reworded("y.png")) == "y.png is 9x9 = 81 pixels, over the limit of 10"  # our advice dropped
+    with pytest.raises(ImageError) as caught:
+        load_image(np.zeros((4, 4, 2), dtype=np.uint8))
+    assert caught.value.kind == "unsupported" and caught.value.subject == "the numpy image"
+    with pytest.raises(ValueError, match="unknown ImageError kind"):
+        ImageError("x", "bad kind")
