@@ -414,6 +414,7 @@ class Setup:
     bandwidth: float  # bytes/s
     fp16_llm_bytes: int
     deadline: float  # perf_counter() time by which this mode's repeats should end
+    static_cache: bool = False  # ours decodes with a static KV cache (CUDA graphs on cuda)
 
 
 def measure_cases(ours, reference, processor, setup: Setup, log) -> dict:
@@ -501,6 +502,7 @@ def summarize(raw: dict, loads: dict, weights: dict, setup: Setup) -> dict:
 
 def run_mode(mode: str, setup: Setup, log) -> dict:
     ours, ours_load = timed_load(lambda: load_ours(setup.folder, mode, setup.device, setup.dtype))
+    ours.static_cache = setup.static_cache  # ignored by the engine for 8/4-bit LLMs
     log(f"{mode}: ours loaded in {ours_load['seconds']:.1f} s")
     (reference, processor), ref_load = timed_load(lambda: load_reference(setup.folder, mode, setup.device, setup.dtype))
     log(f"{mode}: transformers loaded in {ref_load['seconds']:.1f} s")
@@ -630,6 +632,9 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on cpu, torch's default with cuda)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/gpu-bench"))
+    p.add_argument("--static-cache", action="store_true",
+                   help="ours decodes with a static KV cache, which transformers compiles into CUDA graphs on "
+                        "cuda (the reference keeps its default dynamic cache); the warm-up turns absorb the compiling")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="whole-run time budget; repeats are cut (never below 1) to stay within it")
     args = p.parse_args(argv)
@@ -660,7 +665,7 @@ def main(argv=None) -> int:
     print(header(device), flush=True)
     report = {
         "model": args.model, "command": sys.argv, "machine": common.machine(), "device": str(device),
-        "dtype": args.dtype, "new_tokens": args.new_tokens, "stream_tokens": min(STREAM_TOKENS, args.new_tokens),
+        "dtype": args.dtype, "static_cache": args.static_cache, "new_tokens": args.new_tokens, "stream_tokens": min(STREAM_TOKENS, args.new_tokens),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "bitsandbytes": bnb_version()},
         "modes": {},
@@ -676,7 +681,7 @@ def main(argv=None) -> int:
         # Share what is left of the budget among this mode and the later ones (each needs ~ a load too).
         left = max(deadline - time.perf_counter(), 0.0)
         setup = Setup(folder, device, dtype, args.new_tokens, args.repeats, bandwidth, fp16_bytes,
-                      deadline=time.perf_counter() + left / (len(args.modes) - i))
+                      deadline=time.perf_counter() + left / (len(args.modes) - i), static_cache=args.static_cache)
         try:
             result = run_mode(mode, setup, log)
         except Exception as e:  # one mode failing (e.g. a bitsandbytes kernel) must not lose the others

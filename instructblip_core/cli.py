@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16/fp16 on GPU)")
     p.add_argument("--load-in-8bit", action="store_true")
     p.add_argument("--load-in-4bit", action="store_true")
+    p.add_argument("--static-cache", action="store_true",
+                   help="static KV cache; on CUDA the decode step is compiled into CUDA graphs (see app.py --help)")
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy/beam decoding")
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, device=args.device, dtype=args.dtype,
             load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit,
         )
+        model.static_cache = args.static_cache
     except (ImageError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

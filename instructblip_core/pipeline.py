@@ -26,6 +26,7 @@ from .features import FeatureCache
 from .generation import GenerationOptions
 from .model import InstructBlipForConditionalGeneration
 from .processing import Processor
+from .quantization import is_quantized
 from .prompts import QFORMER_INSTRUCTION_KEY
 from .ranking import CandidateScores, score_candidates
 from .streaming import StopOnEvent, stream_generate
@@ -37,6 +38,16 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _cuda_graphs_from_any_thread() -> None:
+    """Streaming decodes in a worker thread, and inductor's default CUDA-graph trees keep their
+    state in thread-local storage set up only on the main thread (an AssertionError in any
+    other thread). Its plain CUDA graphs have no such state. Process-wide, and only ever set
+    when static-cache decoding runs on a GPU."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.triton.cudagraph_trees = False
+
+
 class InstructBlip:
     def __init__(
         self,
@@ -44,11 +55,17 @@ class InstructBlip:
         processor: Processor,
         source: str = "",
         feature_cache: FeatureCache | None = None,
+        static_cache: bool = False,
     ):
         self.model = model
         self.processor = processor
         self.source = source  # hub id or folder it was loaded from, for logs and the UI
         self.feature_cache = feature_cache if feature_cache is not None else FeatureCache(DEFAULT_CACHE_ENTRIES)
+        # Decode with a preallocated (static) KV cache. On CUDA, transformers then compiles the
+        # one-token decode step into CUDA graphs: batch-1 decoding is bound by kernel launches,
+        # not by the GPU, and this removes most of them. The first answers are slow while it
+        # compiles (per new cache size); beam search and 8/4-bit LLMs keep the dynamic cache.
+        self.static_cache = static_cache
 
     @property
     def config(self):
@@ -121,7 +138,12 @@ class InstructBlip:
         )
 
     def generation_kwargs(self, options: GenerationOptions) -> dict:
-        return options.generate_kwargs_for(self.model.language_model, self.processor.tokenizer)
+        kwargs = options.generate_kwargs_for(self.model.language_model, self.processor.tokenizer)
+        if self.static_cache and options.num_beams == 1 and not is_quantized(self.model.language_model):
+            kwargs["cache_implementation"] = "static"
+            if self.device.type == "cuda":
+                _cuda_graphs_from_any_thread()
+        return kwargs
 
     def _decoder(self, batch, options: GenerationOptions):
         """A `generate_ids` call with everything bound but the streamer/stopping criteria."""

@@ -82,3 +82,26 @@ def test_stop_also_ends_plain_generate(model):
     with count_calls(model.model.language_model) as calls:
         model.generate(coloured("red"), "q", stop=stop, **LONG)
     assert calls[0] <= 2
+
+
+def test_static_cache_decoding_gives_the_same_answers(model):
+    """`static_cache` (compiled CUDA-graph decoding on a GPU) must not change a single token, in
+    generate and in streaming, for a first and a longer later prompt (a new cache size)."""
+    image = coloured("green")
+    prompts = ["what is in the picture?", "question: what colour is it? answer: green. question: and its shape?"]
+    expected = [model.generate(image, p, max_new_tokens=24, min_new_tokens=24)[0] for p in prompts]
+    model.static_cache = True
+    try:
+        kwargs = model.generation_kwargs(model_options(max_new_tokens=24))
+        assert kwargs["cache_implementation"] == "static"
+        assert "cache_implementation" not in model.generation_kwargs(model_options(num_beams=2))  # beams: dynamic
+        assert [model.generate(image, p, max_new_tokens=24, min_new_tokens=24)[0] for p in prompts] == expected
+        assert "".join(model.stream(image, prompts[1], max_new_tokens=24, min_new_tokens=24)) == expected[1]
+    finally:
+        model.static_cache = False
+
+
+def model_options(**kwargs):
+    from instructblip_core import GenerationOptions
+
+    return GenerationOptions.from_kwargs(**kwargs)
