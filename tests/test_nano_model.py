@@ -17,12 +17,13 @@ from instructblip_core import load_pretrained
 MODEL = Path(__file__).resolve().parent.parent / "assets" / "nano-instructblip"
 SAMPLES = 48
 # dataset -> minimum accuracy (0..1) on fresh samples; set from the measured results
-# Measured on 48 fresh samples each when the shipped model was built (second build):
-# vqa_attributes 0.25 (chance 1/6), counting 0.625 (most frequent answer 0.32), caption CIDEr-D
-# 0.991, vqa_compositional 0.271; yes_no is near chance (0.56 on the test set), so it is not
-# asserted. The model is weak (README: its answers depend on the image only a little); these
-# floors sit above chance and catch a broken build, loader or preprocessing.
-THRESHOLDS: dict[str, float] = {"vqa_attributes": 0.2, "counting": 0.45, "caption": 0.75, "vqa_compositional": 0.18}
+# Measured on 48 fresh samples each when the shipped model was built (third build):
+# vqa_attributes 0.458 (chance 1/6), counting 0.521 (most frequent answer 0.32), caption CIDEr-D
+# 1.287, vqa_compositional 0.312; yes_no is near chance (0.54 on the test set), so it is not
+# asserted. The model is still weak (README, "The shipped small model"); these floors sit
+# about 1.5 standard errors below the measured values, well above chance, and catch a broken
+# build, loader or preprocessing.
+THRESHOLDS: dict[str, float] = {"vqa_attributes": 0.35, "counting": 0.4, "caption": 0.95, "vqa_compositional": 0.22}
 
 
 @pytest.fixture(scope="module")
