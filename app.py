@@ -486,7 +486,7 @@ class ChatApp:
     def _look(self, session: UserSession, question: str):
         """The heat map for this question; a failure here must not cost the user the answer."""
         try:
-            picture = attention_overlay(self.model, session.chat.image, question)
+            picture = attention_overlay(self.model, session.chat.image, question, display=session.chat.picture)
         except Exception as e:
             if is_out_of_memory(e):
                 free_memory(self.model.device)

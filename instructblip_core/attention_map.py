@@ -106,8 +106,10 @@ def overlay(image: PIL.Image.Image, grid: torch.Tensor, *, alpha: float = DEFAUL
     return PIL.Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
 
 
-def attention_overlay(model: InstructBlip, image, instruction: str, *, alpha: float = DEFAULT_ALPHA,
+def attention_overlay(model: InstructBlip, image, instruction: str, *, display=None, alpha: float = DEFAULT_ALPHA,
                       max_side: int = DEFAULT_MAX_SIDE) -> PIL.Image.Image:
-    """The heat map of where the Q-Former looked for `instruction`, over the picture (RGB PIL)."""
+    """The heat map of where the Q-Former looked for `instruction` in `image`, over `display`
+    (default: `image`; e.g. a chat's display copy when `image` is its model-sized one), as RGB PIL."""
     picture = load_image(image)
-    return overlay(picture, attention_grid(model, picture, instruction), alpha=alpha, max_side=max_side)
+    shown = load_image(display) if display is not None else picture
+    return overlay(shown, attention_grid(model, picture, instruction), alpha=alpha, max_side=max_side)

@@ -44,12 +44,24 @@ class Turn:
     stopped: bool = False  # the user stopped the answer part-way
 
 
+DISPLAY_MAX_SIDE = 1024  # pixels per side of the copy kept for showing (heat maps are drawn on it)
+
+
+def _for_display(image: Image.Image) -> Image.Image:
+    shown = image.copy()
+    shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))  # keeps the aspect ratio; never enlarges
+    return shown
+
+
 class ChatSession:
     def __init__(self, model: InstructBlip, template: PromptTemplate | None = None):
         self.model = model
         self.template = template or PromptTemplate.from_config(model.config)
         self.turns: list[Turn] = []
-        self.image: Image.Image | list[Image.Image] | None = None  # a picture, or video frames
+        # What the model reads: the picture (or video frames) already resized to the model's
+        # input size, not the upload itself (a 40 MP photo is 120 MB of RGB per session).
+        self.image: Image.Image | list[Image.Image] | None = None
+        self.picture: Image.Image | list[Image.Image] | None = None  # the same for showing: at most DISPLAY_MAX_SIDE
         self.segment = 0
         self.notices: list[str] = []  # about the latest answer, for the UI to show
 
@@ -60,11 +72,14 @@ class ChatSession:
         if self.image is not None and self.turns and self.turns[-1].segment == self.segment:
             self.segment += 1
             self.notices.append(NEW_IMAGE_NOTICE)
-        self.image = loaded
+        resize = self.model.processor.image_processor.model_sized
+        self.image = [resize(f) for f in loaded] if isinstance(loaded, list) else resize(loaded)
+        self.picture = [_for_display(f) for f in loaded] if isinstance(loaded, list) else _for_display(loaded)
 
     def reset(self) -> None:
         self.turns.clear()
         self.image = None
+        self.picture = None
         self.segment = 0
         self.notices = []
 

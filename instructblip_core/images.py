@@ -491,10 +491,16 @@ class ImageProcessor:
                              subject=_name_of(image))
         return image
 
+    def model_sized(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        """An RGB PIL image resized exactly as `pixel_values` resizes it. `pixel_values` of the
+        result equals `pixel_values` of the original (PIL copies an image asked for its own
+        size), so a caller may keep this small copy instead of a large upload."""
+        height, width = self.size
+        return image.resize((width, height), resample=self.resample)  # PIL takes (W, H)
+
     def pixel_values(self, image: PIL.Image.Image) -> torch.Tensor:
         """An RGB PIL image -> (3, H, W) float32, same arithmetic as transformers' PIL backend."""
-        height, width = self.size
-        resized = image.resize((width, height), resample=self.resample)  # PIL takes (W, H)
+        resized = self.model_sized(image)
         pixels = torch.from_numpy(np.array(resized, dtype=np.uint8))  # (H, W, 3) uint8
         pixels = pixels.permute(2, 0, 1)  # (3, H, W)
         # transformers: rescale in float64, then cast; normalise in float32.

@@ -195,3 +195,28 @@ def test_instruction_blind_checkpoint_gets_an_empty_qformer_text(model):
         assert (blind - other).abs().max().item() == 0  # the question no longer matters
     finally:
         del model.config.extra[QFORMER_INSTRUCTION_KEY]
+
+
+def test_a_large_upload_is_kept_at_model_size_and_answered_as_the_original(model):
+    """A session keeps the picture at the model's input size (plus a display copy of at most
+    1024 px), not the upload: the answers are those of the full-size original all the same."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from instructblip_core.chat import DISPLAY_MAX_SIDE
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (2400, 3200, 3), dtype=np.uint8))  # 7.7 MP, 23 MB of RGB
+    chat = ChatSession(model)
+    answer = chat.ask("what is in the picture?", image=photo, **GREEDY)
+    height, width = model.processor.image_processor.size
+    assert chat.image.size == (width, height)
+    assert chat.picture.size == (DISPLAY_MAX_SIDE, 768)  # aspect kept
+    pixels = model.processor.image_processor.pixel_values
+    assert torch.equal(pixels(chat.image), pixels(photo))
+    model.feature_cache.clear()
+    prompt = build_prompt("what is in the picture?", [], chat.template)
+    assert model.generate(photo, prompt.llm, instructions=prompt.qformer, **GREEDY)[0] == answer
+    chat.set_image(coloured("red"))  # a small upload: shown as it is
+    assert chat.picture.size == coloured("red").size
