@@ -57,7 +57,7 @@ from transformers import (  # noqa: E402
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling  # noqa: E402
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil  # noqa: E402
 
-from inference import QUESTION_1, QUESTION_2, first_piece_seconds, ours_generate, reference_stream  # noqa: E402
+from inference import QUESTION_1, QUESTION_2, first_turn_case, turn_cases  # noqa: E402
 from instructblip_core import load_pretrained  # noqa: E402
 from instructblip_core.prompts import build_prompt  # noqa: E402
 from instructblip_core.quantization import weight_bytes  # noqa: E402
@@ -381,13 +381,6 @@ def reference_inputs(processor, image, prompt, device, dtype) -> dict:
     return {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
 
 
-def reference_ids(reference, inputs, n: int) -> list[int]:
-    out = reference.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1)
-    # Decoder-only outputs repeat the prompt; T5's start with the decoder start token.
-    start = 1 if reference.config.text_config.is_encoder_decoder else inputs["input_ids"].shape[1]
-    return out[0, start:].tolist()
-
-
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -421,25 +414,14 @@ def measure_cases(ours, reference, processor, setup: Setup, log) -> dict:
     """Token comparison, then interleaved timings (warm-up + repeats); returns raw numbers."""
     image, n, dev, dt = common.test_image(), setup.new_tokens, setup.device, setup.dtype
     ref_first = lambda: reference_inputs(processor, image, QUESTION_1, dev, dt)  # noqa: E731
-    first = (lambda: ours_generate(ours, image, QUESTION_1, n, cold=True),
-             lambda: reference_ids(reference, ref_first(), n))
+    first = first_turn_case(ours, reference, image, ref_first, n)
     with torch.inference_mode():
         first_ids, peaks = first_turns(first)  # also the first turn's warm-up
     # The follow-up quotes ours' answer; both sides get the very same prompt text.
     answer = ours.processor.decode(torch.tensor([first_ids["ours"]]))[0]
     follow_up = build_prompt(QUESTION_2, [(QUESTION_1, answer)]).llm
     ref_later = lambda: reference_inputs(processor, image, follow_up, dev, dt)  # noqa: E731
-    s = min(STREAM_TOKENS, n)
-    cases = {
-        "first turn (s)": first,
-        "later turn, same image (s)": (lambda: ours_generate(ours, image, follow_up, n, cold=False),
-                                       lambda: reference_ids(reference, ref_later(), n)),
-        "first streamed piece (s)": (
-            lambda: first_piece_seconds(ours.stream(image, follow_up, max_new_tokens=s, min_new_tokens=s)),
-            lambda: first_piece_seconds(reference_stream(reference, processor, ref_later, s))),
-        "one token (s)": (lambda: ours_generate(ours, image, follow_up, 1, cold=False),
-                          lambda: reference_ids(reference, ref_later(), 1)),
-    }
+    cases = turn_cases(ours, reference, processor, image, follow_up, ref_first, ref_later, n, min(STREAM_TOKENS, n))
     with torch.inference_mode():
         later_ids = {side: fn() for side, fn in zip(("ours", "reference"), cases["later turn, same image (s)"])}
         for name in ("first streamed piece (s)", "one token (s)"):  # the rest of the warm-up

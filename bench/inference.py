@@ -34,9 +34,12 @@ def reference_inputs(processor, image, prompt, dtype):
     return dict(inputs)
 
 
-def reference_generate(reference, inputs, n):
+def reference_generate(reference, inputs, n: int) -> list[int]:
+    """The reference's n greedy new tokens."""
     out = reference.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    # Decoder-only outputs repeat the prompt; T5's start with the decoder start token.
+    start = 1 if reference.config.text_config.is_encoder_decoder else inputs["input_ids"].shape[1]
+    return out[0, start:].tolist()
 
 
 def ours_generate(ours, image, prompt, n, *, cold: bool):
@@ -71,6 +74,28 @@ def reference_stream(reference, processor, make_inputs, n):
     thread.join()
 
 
+def first_turn_case(ours, reference, image, ref_first, n: int) -> tuple:
+    """(ours, reference) callables for a first turn: the image never seen, n greedy tokens."""
+    return (lambda: ours_generate(ours, image, QUESTION_1, n, cold=True),
+            lambda: reference_generate(reference, ref_first(), n))
+
+
+def turn_cases(ours, reference, processor, image, follow_up: str, ref_first, ref_later, n: int, stream_n: int) -> dict:
+    """The timed cases, name -> (ours, reference) callables. `ref_first` / `ref_later` make the
+    reference's inputs (preprocessing inside the timing, as ours); the streamed piece is timed on
+    a `stream_n`-token answer; "one token" lets decode tokens/s be derived from the later turn."""
+    return {
+        "first turn (s)": first_turn_case(ours, reference, image, ref_first, n),
+        "later turn, same image (s)": (lambda: ours_generate(ours, image, follow_up, n, cold=False),
+                                       lambda: reference_generate(reference, ref_later(), n)),
+        "first streamed piece (s)": (
+            lambda: first_piece_seconds(ours.stream(image, follow_up, max_new_tokens=stream_n, min_new_tokens=stream_n)),
+            lambda: first_piece_seconds(reference_stream(reference, processor, ref_later, stream_n))),
+        "one token (s)": (lambda: ours_generate(ours, image, follow_up, 1, cold=False),
+                          lambda: reference_generate(reference, ref_later(), 1)),
+    }
+
+
 def measure(folder: Path, dtype: torch.dtype, n_new: int, repeats: int) -> list:
     image = common.test_image()
     ours = load_pretrained(folder, dtype=dtype)
@@ -85,17 +110,7 @@ def measure(folder: Path, dtype: torch.dtype, n_new: int, repeats: int) -> list:
     ref_later = lambda: reference_inputs(processor, image, follow_up, dtype)  # noqa: E731
     assert ours_generate(ours, image, follow_up, n_new, cold=False) == reference_generate(reference, ref_later(), n_new)
 
-    cases = {
-        "first turn (s)": (lambda: ours_generate(ours, image, QUESTION_1, n_new, cold=True),
-                           lambda: reference_generate(reference, ref_first(), n_new)),
-        "later turn, same image (s)": (lambda: ours_generate(ours, image, follow_up, n_new, cold=False),
-                                       lambda: reference_generate(reference, ref_later(), n_new)),
-        "first streamed piece (s)": (
-            lambda: first_piece_seconds(ours.stream(image, follow_up, max_new_tokens=n_new, min_new_tokens=n_new)),
-            lambda: first_piece_seconds(reference_stream(reference, processor, ref_later, n_new))),
-        "one token (s)": (lambda: ours_generate(ours, image, follow_up, 1, cold=False),
-                          lambda: reference_generate(reference, ref_later(), 1)),
-    }
+    cases = turn_cases(ours, reference, processor, image, follow_up, ref_first, ref_later, n_new, n_new)
     results = {name: ([], []) for name in cases}
     with torch.inference_mode():
         for fn_pair in cases.values():  # warm-up
