@@ -443,3 +443,16 @@ def test_text_corpus_is_deterministic_and_speaks_the_datasets_language(built):
             texts += [m["value"].replace("<image>", "") for m in record.get("conversations", [])]
             missing.update(w for t in texts for w in re.findall(r"\w+", t.lower()) if w not in vocabulary)
     assert not missing, f"words of the datasets the language model never reads: {missing}"
+
+
+def test_text_corpus_asks_some_questions_in_plain_text_as_well_as_in_instruction_templates():
+    """The LLM must also have read a bare question followed by its answer: one that only ever saw
+    a template's tail after a question writes that tail when asked a bare one (held-out dialogue)."""
+    corpus = text_corpus(5, 3000)
+    answer = r"(yes|no|\d+|" + "|".join([*SHAPES, *COLOURS]) + r")\b"
+    questions = sum(line.count("?") for line in corpus)
+    bare = sum(len(re.findall(r"\? " + answer, line)) for line in corpus)
+    plain_format = sum(len(re.findall(r"Question: [^?]+\? Answer: " + answer, line)) for line in corpus)
+    assert 0.1 < bare / questions < 0.35, (bare, questions)
+    assert 0.1 < plain_format / questions < 0.35, (plain_format, questions)
+    assert bare + plain_format < 0.5 * questions  # the held-in instruction templates are still the most common form

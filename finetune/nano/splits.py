@@ -425,7 +425,8 @@ def text_corpus(seed: int, n: int) -> list[str]:
     Captions, true statements ("The red circle is to the left of the square."), narrations of
     clips ("The circle turns from red to blue.") and, most of all, grounded documents: a
     description of a scene followed by held-in instructions about it and their answers
-    ("a large red circle on the left ... What colour is the circle? Short answer: red").
+    ("a large red circle on the left ... What colour is the circle? Short answer: red"), some
+    asked in plain text instead ("... Is the circle red? yes").
     A real LLM has read a great deal of text that answers from what came before; a frozen
     LLM that only ever saw lone sentences has no reason to look back at its context, and
     then the Q-Former's soft prompt in front of the question has nothing to steer. The
@@ -468,6 +469,21 @@ def _description(scene: Scene, rng: random.Random) -> str:
     return " ".join(f.rstrip(".") + "." for f in facts)
 
 
+# Share of a document's questions written as plain text, without an instruction template. Real
+# LLMs have read far more bare questions and "Question: ... Answer: ..." text than instructions;
+# an LLM that only ever saw a question followed by a template's tail ("Reply with a short
+# answer.") writes that tail before its answer when asked a bare question (the held-out
+# dialogue's first turn, measured: 6.3 against 30.5 for the task-tag model in the third build).
+PLAIN_QUESTION_SHARE = 0.4
+
+
+def _asked(task: str, qa, rng: random.Random) -> str:
+    """How a document asks `qa`: mostly a held-in instruction template, sometimes plain text."""
+    if qa.options is None and rng.random() < PLAIN_QUESTION_SHARE:
+        return qa.question if rng.random() < 0.5 else f"Question: {qa.question} Answer:"
+    return templates.render_instruction(task, rng, question=qa.question, options=list(qa.options) if qa.options else None)
+
+
 def grounded_document(scene: Scene, rng: random.Random, questions: tuple[int, int] = (1, 3)) -> str:
     """A description of the scene, then `questions` (a range) held-in instructions about it, each with its answer."""
     makers = {
@@ -484,8 +500,7 @@ def grounded_document(scene: Scene, rng: random.Random, questions: tuple[int, in
         qa = makers[task]()
         if qa is None:
             continue
-        fields = {"question": qa.question, "options": list(qa.options) if qa.options else None}
-        parts.append(f"{templates.render_instruction(task, rng, **fields)} {qa.answer}")
+        parts.append(f"{_asked(task, qa, rng)} {qa.answer}")
     if len(parts) == 1:  # nothing to ask of this scene: caption it instead
         parts.append(f"{templates.render_instruction(templates.CAPTION, rng)} {caption(scene)}")
     return " ".join(parts).replace("\n", " ")  # one document, one line
