@@ -17,13 +17,13 @@ from instructblip_core import load_pretrained
 MODEL = Path(__file__).resolve().parent.parent / "assets" / "nano-instructblip"
 SAMPLES = 48
 # dataset -> minimum accuracy (0..1) on fresh samples; set from the measured results
-# Measured on 48 fresh samples each when the shipped model was built (third build):
-# vqa_attributes 0.458 (chance 1/6), counting 0.521 (most frequent answer 0.32), caption CIDEr-D
-# 1.287, vqa_compositional 0.312; yes_no is near chance (0.54 on the test set), so it is not
-# asserted. The model is still weak (README, "The shipped small model"); these floors sit
-# about 1.5 standard errors below the measured values, well above chance, and catch a broken
-# build, loader or preprocessing.
-THRESHOLDS: dict[str, float] = {"vqa_attributes": 0.35, "counting": 0.4, "caption": 0.95, "vqa_compositional": 0.22}
+# Measured on 48 fresh samples each when the shipped model was built (fourth build):
+# vqa_attributes 0.375 (chance 1/6), counting 0.521 (most frequent answer 0.32), caption CIDEr-D
+# 1.508, vqa_compositional 0.375 (third build: 0.458, 0.521, 1.287, 0.312); yes_no is near
+# chance (0.56 on the test set), so it is not asserted. The model is still weak (README, "The
+# shipped small model"); these floors sit about 1.5 standard errors (0.07 at 48 samples) below
+# the measured values, above chance, and catch a broken build, loader or preprocessing.
+THRESHOLDS: dict[str, float] = {"vqa_attributes": 0.27, "counting": 0.4, "caption": 1.2, "vqa_compositional": 0.27}
 
 
 @pytest.fixture(scope="module")

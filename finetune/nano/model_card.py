@@ -30,9 +30,10 @@ colour, appearing or disappearing. It was trained to answer questions about colo
 shapes, sizes, places, counts, left/right/above/below relations and the written text, to
 caption, to answer yes/no and multiple-choice questions and to write questions. How well it
 does is in the table below. This build is weak: it captions simple scenes well and names
-the asked-about colour about half the time (55% on held-in test questions, chance 17%), but
-its shape, size and place answers are little better than guesses (28%, 55% and 14%). Treat
-it as a working demonstration of the pipeline, not as a capable model.
+the asked-about colour about half the time (52% on held-in test questions, chance 17%), but
+its size answers are little better than a guess (62%, chance 50%) and its shape and place
+answers are no better (19%, chance 20%; "where is" 8%). Treat it as a working demonstration
+of the pipeline, not as a capable model.
 
 ## What it does not know
 
