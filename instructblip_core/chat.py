@@ -47,6 +47,11 @@ class Turn:
 DISPLAY_MAX_SIDE = 1024  # pixels per side of the copy kept for showing (heat maps are drawn on it)
 
 
+def _each(fn, image):
+    """`fn` of a picture, or the list of `fn` of each frame when `image` is a video (a list of frames)."""
+    return [fn(frame) for frame in image] if isinstance(image, (list, tuple)) else fn(image)
+
+
 def _for_display(image: Image.Image) -> Image.Image:
     shown = image.copy()
     shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))  # keeps the aspect ratio; never enlarges
@@ -68,13 +73,12 @@ class ChatSession:
     # ---- state --------------------------------------------------------------------------
     def set_image(self, image) -> None:
         """Use this image (path, bytes, PIL, array; a list of frames for a video) from now on."""
-        loaded = [load_image(f) for f in image] if isinstance(image, (list, tuple)) else load_image(image)
+        loaded = _each(load_image, image)
         if self.image is not None and self.turns and self.turns[-1].segment == self.segment:
             self.segment += 1
             self.notices.append(NEW_IMAGE_NOTICE)
-        resize = self.model.processor.image_processor.model_sized
-        self.image = [resize(f) for f in loaded] if isinstance(loaded, list) else resize(loaded)
-        self.picture = [_for_display(f) for f in loaded] if isinstance(loaded, list) else _for_display(loaded)
+        self.image = _each(self.model.processor.image_processor.model_sized, loaded)
+        self.picture = _each(_for_display, loaded)
 
     def reset(self) -> None:
         self.turns.clear()
