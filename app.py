@@ -56,6 +56,7 @@ ENV_VARS = {  # flag -> environment variable (Spaces has no command line)
     "dtype": "INSTRUCTBLIP_DTYPE",
     "load_in_8bit": "INSTRUCTBLIP_LOAD_IN_8BIT",
     "load_in_4bit": "INSTRUCTBLIP_LOAD_IN_4BIT",
+    "quantize_fp32_modules": "INSTRUCTBLIP_QUANTIZE_FP32_MODULES",
     "static_cache": "INSTRUCTBLIP_STATIC_CACHE",
     "host": "INSTRUCTBLIP_HOST",
     "port": "INSTRUCTBLIP_PORT",
@@ -88,6 +89,7 @@ class AppSettings:
     dtype: str | None = None  # None: the engine's default (fp32 on CPU, bf16/fp16 on GPU)
     load_in_8bit: bool = False
     load_in_4bit: bool = False
+    quantize_fp32_modules: bool = False  # 4-bit bf16 only: T5's wo quantised too
     static_cache: bool = False  # static KV cache: on CUDA, decoding compiled into CUDA graphs
     host: str = "127.0.0.1"
     port: int = 7860
@@ -129,6 +131,10 @@ def parse_args(argv: Sequence[str] | None = None) -> AppSettings:
         help="quantise the LLM to 8 bits (bitsandbytes)")
     add("--load-in-4bit", "load_in_4bit", action="store_true", default=_env_flag(ENV_VARS["load_in_4bit"]),
         help="quantise the LLM to 4 bits, NF4 (bitsandbytes)")
+    add("--quantize-fp32-modules", "quantize_fp32_modules", action="store_true",
+        default=_env_flag(ENV_VARS["quantize_fp32_modules"]),
+        help="with --load-in-4bit --dtype bfloat16: also quantise the layers the LLM keeps in fp32 (Flan-T5's wo, "
+             "a third of its weights), which transformers leaves in fp32")
     add("--static-cache", "static_cache", action="store_true", default=_env_flag(ENV_VARS["static_cache"]),
         help="experimental: decode with a static KV cache; on CUDA transformers compiles the decode step into CUDA graphs "
              "(faster answers after the first ones, which wait while it compiles; not with 8/4-bit or beams)")
@@ -183,7 +189,8 @@ def load_model(settings: AppSettings) -> InstructBlip:
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = load_pretrained(settings.model, device=device, dtype=settings.dtype,
-                                load_in_8bit=settings.load_in_8bit, load_in_4bit=settings.load_in_4bit)
+                                load_in_8bit=settings.load_in_8bit, load_in_4bit=settings.load_in_4bit,
+                                quantize_fp32_modules=settings.quantize_fp32_modules)
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load model {settings.model}: {e}") from e
     model.static_cache = settings.static_cache

@@ -12,6 +12,7 @@ against the memory-bandwidth bound, whether the two generated the same tokens, a
     python bench/gpu.py --model flant5xl --modes fp16
     python bench/gpu.py --model tiny --device cpu --repeats 2   # the same code path, in seconds
                                                                 # (tiny-t5: the T5 path)
+    python bench/gpu.py --model flant5xl --device cpu --weights-only   # memory of each mode, no GPU
 
 Decode tokens/s = (n - 1) / (n-token later turn - 1-token later turn); its bound is the
 measured copy bandwidth / the weight bytes one decode step reads. The first streamed piece
@@ -29,6 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the GPU machines have no network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
@@ -68,7 +71,10 @@ INIT_STD = 0.02
 SPEC_FILE = "bench-spec.json"  # written last: a folder without it is an interrupted build
 MAX_SHARD = "4GB"
 STREAM_TOKENS = 4  # the first piece needs 2 tokens; decoding more would only cost time
-MODES = ("fp16", "int8", "int4")
+MODES = ("fp16", "int8", "int4", "int4-all")
+# int4-all: the layers the LLM keeps in fp32 (T5's wo) in 4-bit too (`quantize_fp32_modules`),
+# which needs bf16; the reference is loaded with T5's keep-in-fp32 list emptied, to match.
+MODE_DTYPE = {"int4-all": torch.bfloat16}
 # Text the benchmark feeds in; in the vocabularies so that prompts tokenise to real lengths.
 WORDS = re.findall(r"\w+|[^\w\s]", f"{QUESTION_1} {QUESTION_2} Question: Answer:")
 
@@ -314,8 +320,22 @@ class GpuMemory:
 
 
 def load_ours(folder: Path, mode: str, device, dtype):
-    kwargs = {"fp16": {}, "int8": {"load_in_8bit": True}, "int4": {"load_in_4bit": True}}[mode]
+    kwargs = {"fp16": {}, "int8": {"load_in_8bit": True}, "int4": {"load_in_4bit": True},
+              "int4-all": {"load_in_4bit": True, "quantize_fp32_modules": True}}[mode]
     return load_pretrained(folder, device=device, dtype=dtype, **kwargs)
+
+
+@contextlib.contextmanager
+def t5_keeps_nothing_in_fp32():
+    """transformers with T5's `_keep_in_fp32_modules` (["wo"]) emptied: it then quantises wo too."""
+    from transformers.models.t5.modeling_t5 import T5PreTrainedModel
+
+    saved = T5PreTrainedModel._keep_in_fp32_modules
+    T5PreTrainedModel._keep_in_fp32_modules = []
+    try:
+        yield
+    finally:
+        T5PreTrainedModel._keep_in_fp32_modules = saved
 
 
 def load_reference(folder: Path, mode: str, device, dtype):
@@ -324,11 +344,12 @@ def load_reference(folder: Path, mode: str, device, dtype):
         # As ours: only the LLM's linear layers, lm_head kept in float; 4-bit is NF4 with
         # nested (double) quantisation of the block scales, bitsandbytes' Params4bit default.
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=mode == "int8", load_in_4bit=mode == "int4", llm_int8_threshold=6.0,
+            load_in_8bit=mode == "int8", load_in_4bit=mode.startswith("int4"), llm_int8_threshold=6.0,
             bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True,
             llm_int8_skip_modules=["vision_model", "qformer", "language_projection", "lm_head"],
         )
-    model = InstructBlipForConditionalGeneration.from_pretrained(folder, **kwargs).eval()
+    with t5_keeps_nothing_in_fp32() if mode == "int4-all" else contextlib.nullcontext():
+        model = InstructBlipForConditionalGeneration.from_pretrained(folder, **kwargs).eval()
     processor = AutoProcessor.from_pretrained(folder)
     # With torchvision installed (the GPU machines) AutoProcessor picks the torch-resize backend,
     # whose pixels differ from PIL's by up to one 8-bit level (0.015 after normalising). Ours
@@ -408,6 +429,7 @@ class Setup:
     fp16_llm_bytes: int
     deadline: float  # perf_counter() time by which this mode's repeats should end
     static_cache: bool = False  # ours decodes with a static KV cache (CUDA graphs on cuda)
+    weights_only: bool = False  # load and weigh, no generation
 
 
 def measure_cases(ours, reference, processor, setup: Setup, log) -> dict:
@@ -483,14 +505,22 @@ def summarize(raw: dict, loads: dict, weights: dict, setup: Setup) -> dict:
 
 
 def run_mode(mode: str, setup: Setup, log) -> dict:
+    setup = dataclasses.replace(setup, dtype=MODE_DTYPE.get(mode, setup.dtype))
     ours, ours_load = timed_load(lambda: load_ours(setup.folder, mode, setup.device, setup.dtype))
     ours.static_cache = setup.static_cache  # ignored by the engine for 8/4-bit LLMs
     log(f"{mode}: ours loaded in {ours_load['seconds']:.1f} s")
+    ours_weights = weights_report(ours.model, ours.model.language_model, setup.fp16_llm_bytes)
+    if setup.weights_only:  # one model in memory at a time: the real shapes fit a CPU machine
+        del ours
+        free_memory()
     (reference, processor), ref_load = timed_load(lambda: load_reference(setup.folder, mode, setup.device, setup.dtype))
     log(f"{mode}: transformers loaded in {ref_load['seconds']:.1f} s")
     loads = {"ours": ours_load, "reference": ref_load}
-    weights = {"ours": weights_report(ours.model, ours.model.language_model, setup.fp16_llm_bytes),
-               "reference": weights_report(reference, reference.language_model, setup.fp16_llm_bytes)}
+    weights = {"ours": ours_weights, "reference": weights_report(reference, reference.language_model, setup.fp16_llm_bytes)}
+    if setup.weights_only:
+        del reference, processor
+        free_memory()
+        return {"dtype": str(setup.dtype), "load": loads, "weights": weights}
     start = time.perf_counter()
     try:
         raw = measure_cases(ours, reference, processor, setup, log)
@@ -568,6 +598,22 @@ def summary_table(report: dict) -> str:
     return common.table(headers, rows)
 
 
+def weights_table(report: dict) -> str:
+    rows = []
+    for mode, r in report["modes"].items():
+        if "error" in r:
+            rows.append([mode, "failed: " + r["error"][:60]] + [""] * 4)
+            continue
+        w = r["weights"]
+        rows.append([mode, r["dtype"].replace("torch.", ""),
+                     *(f"{w[side]['llm_weight_bytes'] / GIB:.3g} ({w[side]['llm_weights_over_fp16']:.3f})"
+                       for side in ("ours", "reference")),
+                     *(w[side]["quantized_linear_layers"] for side in ("ours", "reference"))])
+    headers = ["mode", "float dtype", "ours LLM GiB (/ fp16)", "tf LLM GiB (/ fp16)", "ours quantised layers",
+               "tf quantised layers"]
+    return common.table(headers, rows)
+
+
 def bnb_version() -> str:
     try:
         import bitsandbytes
@@ -617,6 +663,9 @@ def parse_args(argv):
     p.add_argument("--static-cache", action="store_true",
                    help="ours decodes with a static KV cache, which transformers compiles into CUDA graphs on "
                         "cuda (the reference keeps its default dynamic cache); the warm-up turns absorb the compiling")
+    p.add_argument("--weights-only", action="store_true",
+                   help="load each side in each mode and report the weights only, no generation (one model in "
+                        "memory at a time: the real shapes fit a CPU machine)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="whole-run time budget; repeats are cut (never below 1) to stay within it")
     args = p.parse_args(argv)
@@ -663,7 +712,8 @@ def main(argv=None) -> int:
         # Share what is left of the budget among this mode and the later ones (each needs ~ a load too).
         left = max(deadline - time.perf_counter(), 0.0)
         setup = Setup(folder, device, dtype, args.new_tokens, args.repeats, bandwidth, fp16_bytes,
-                      deadline=time.perf_counter() + left / (len(args.modes) - i), static_cache=args.static_cache)
+                      deadline=time.perf_counter() + left / (len(args.modes) - i), static_cache=args.static_cache,
+                      weights_only=args.weights_only)
         try:
             result = run_mode(mode, setup, log)
         except Exception as e:  # one mode failing (e.g. a bitsandbytes kernel) must not lose the others
@@ -672,7 +722,7 @@ def main(argv=None) -> int:
         free_memory()  # out here: the exception's frames no longer hold the models
         report["modes"][mode] = result
         write_json(report, out_path)
-        if "error" not in result:
+        if "error" not in result and not args.weights_only:
             print(f"\n### {args.model}, {mode}, {args.new_tokens} new tokens, greedy, {result['repeats']} repeats\n")
             print(mode_table(result))
             print("\n" + tokens_line(result) + "\n", flush=True)
@@ -680,7 +730,7 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n### summary: {args.model} on {where}, {args.new_tokens} new tokens, greedy; "
           f"memory bandwidth {bandwidth / 1e9:.0f} GB/s\n")
-    print(summary_table(report), flush=True)
+    print((weights_table if args.weights_only else summary_table)(report), flush=True)
     return 0
 
 

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16/fp16 on GPU)")
     p.add_argument("--load-in-8bit", action="store_true")
     p.add_argument("--load-in-4bit", action="store_true")
+    p.add_argument("--quantize-fp32-modules", action="store_true",
+                   help="with --load-in-4bit --dtype bfloat16: quantise Flan-T5's wo too (see app.py --help)")
     p.add_argument("--static-cache", action="store_true",
                    help="static KV cache; on CUDA the decode step is compiled into CUDA graphs (see app.py --help)")
     p.add_argument("--num-beams", type=int, default=1)
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_pretrained(
             args.model, device=args.device, dtype=args.dtype,
             load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit,
+            quantize_fp32_modules=args.quantize_fp32_modules,
         )
         model.static_cache = args.static_cache
     except (ImageError, CheckpointError, ValueError, FileNotFoundError) as e:

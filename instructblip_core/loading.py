@@ -109,16 +109,33 @@ COMPOSITE_KEEP_IN_FP32 = {BLIP2: ("query_tokens", "qformer")}
 DEFAULT_KEEP_IN_FP32 = ("query_tokens",)
 
 
-def keep_in_fp32_patterns(model: InstructBlipForConditionalGeneration, dtype: torch.dtype | None) -> list[str]:
+def keep_in_fp32_patterns(model: InstructBlipForConditionalGeneration, dtype: torch.dtype | None,
+                          *, quantizable: bool = True) -> list[str]:
     """Patterns of the weights kept in fp32 for `dtype` (None: the list whatever the dtype,
-    which transformers also leaves out of 8/4-bit quantisation)."""
+    which transformers also leaves out of 8/4-bit quantisation; quantizable=False leaves out the
+    LLM's loose list, which `quantize_fp32_modules` quantises after all)."""
     llm = model.language_model
-    loose = [*COMPOSITE_KEEP_IN_FP32.get(model.config.model_type, DEFAULT_KEEP_IN_FP32),
-             *(getattr(llm, "_keep_in_fp32_modules", None) or [])]
+    llm_loose = list(getattr(llm, "_keep_in_fp32_modules", None) or [])
+    loose = [*COMPOSITE_KEEP_IN_FP32.get(model.config.model_type, DEFAULT_KEEP_IN_FP32), *llm_loose]
     strict = list(getattr(llm, "_keep_in_fp32_modules_strict", None) or [])
     if dtype is None:
-        return loose + strict
+        return (loose if quantizable else [p for p in loose if p not in llm_loose]) + strict
     return (loose if dtype == torch.float16 else []) + (strict if dtype in (torch.float16, torch.bfloat16) else [])
+
+
+def check_quantize_fp32_modules(model, bits: int | None, llm_dtype: torch.dtype) -> None:
+    """Quantising what the LLM keeps in fp32 is safe only where nothing computes in fp16."""
+    kept = getattr(model.language_model, "_keep_in_fp32_modules", None)
+    if bits != 4:
+        raise ValueError(
+            "quantize_fp32_modules needs load_in_4bit: bitsandbytes' 8-bit matmul computes in fp16 whatever "
+            "the dtype, and the layers an LLM keeps in fp32 (T5's wo) are kept there because their outputs overflow fp16"
+        )
+    if kept and llm_dtype != torch.bfloat16:
+        raise ValueError(
+            f"quantize_fp32_modules needs dtype=bfloat16: this LLM keeps {', '.join(kept)} in fp32 because "
+            f"its outputs overflow {str(llm_dtype).replace('torch.', '')}"
+        )
 
 
 def name_matcher(patterns: list[str]) -> re.Pattern | None:
@@ -180,6 +197,7 @@ def load_pretrained(
     dtype: torch.dtype | str | None = None,
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
+    quantize_fp32_modules: bool = False,
     revision: str | None = None,
 ):
     """Load an InstructBLIP or BLIP-2 checkpoint (hub id or folder) with its processor.
@@ -187,6 +205,11 @@ def load_pretrained(
     dtype: float dtype of the weights (default fp32 on CPU, bf16/fp16 on GPU). With 8-bit or
     4-bit, the LLM's linear layers are quantised by bitsandbytes and the rest of the LLM computes
     in 16 bits (`dtype` if it is fp16/bf16, else fp16); the vision encoder and Q-Former stay in `dtype`.
+    quantize_fp32_modules: with 4-bit, quantise the LLM layers that transformers keeps in fp32 and
+    out of quantisation as well (T5's feed-forward output `wo`, a third of Flan-T5's LLM). The
+    LLM gets smaller, but its numbers are no longer those of transformers' 4-bit load. It needs
+    dtype=bfloat16 and 4-bit: T5 keeps `wo` in fp32 because its outputs overflow fp16, and
+    bitsandbytes' 8-bit matmul computes in fp16 whatever the dtype.
     Returns an `InstructBlip` (model + processor) in eval mode.
     """
     from .pipeline import InstructBlip
@@ -204,10 +227,12 @@ def load_pretrained(
     model = build_empty_model(config)
     bits = 8 if load_in_8bit else 4 if load_in_4bit else None
     llm_dtype = quantized_llm_dtype(dtype) if bits else dtype
+    if quantize_fp32_modules:
+        check_quantize_fp32_modules(model, bits, llm_dtype)
     # bitsandbytes quantises when a CPU tensor moves to the target device, so the LLM waits on the CPU.
     load_weights(model, weight_files(folder), dtype, torch.device("cpu") if bits else device, llm_dtype)
     if bits:
-        skip = name_matcher(keep_in_fp32_patterns(model, None))
+        skip = name_matcher(keep_in_fp32_patterns(model, None, quantizable=not quantize_fp32_modules))
         quantize_linear_layers(model.language_model, bits, llm_dtype, device, skip=skip, prefix="language_model.")
     # The buffers built with the model (Q-Former position ids, rotary tables) are not in the
     # checkpoint and were made on the CPU: they follow the weights to the device.

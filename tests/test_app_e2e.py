@@ -159,15 +159,22 @@ def test_a_missing_model_is_a_one_line_error(tmp_path):
             main([])
 
 
+def test_quantizing_fp32_modules_in_8bit_is_a_one_line_error():
+    with pytest.raises(SystemExit, match="quantize_fp32_modules needs load_in_4bit"):
+        load_model(AppSettings(load_in_8bit=True, quantize_fp32_modules=True))
+
+
 def test_settings_come_from_flags_or_environment(monkeypatch):
     monkeypatch.setenv(ENV_VARS["model"], "Salesforce/instructblip-flan-t5-xl")
     monkeypatch.setenv(ENV_VARS["load_in_8bit"], "1")
     monkeypatch.setenv(ENV_VARS["port"], "7999")
     monkeypatch.setenv(ENV_VARS["concurrency_limit"], "4")
+    monkeypatch.setenv(ENV_VARS["quantize_fp32_modules"], "1")
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")  # what Spaces sets
     settings = parse_args([])
     assert (settings.model, settings.load_in_8bit, settings.port, settings.concurrency_limit, settings.host) == (
         "Salesforce/instructblip-flan-t5-xl", True, 7999, 4, "0.0.0.0")
+    assert settings.quantize_fp32_modules
     flags = parse_args(["--model", "x/y", "--port", "8001", "--dtype", "bfloat16", "--host", "127.0.0.1"])
     assert (flags.model, flags.port, flags.dtype, flags.host) == ("x/y", 8001, "bfloat16", "127.0.0.1")
     with pytest.raises(SystemExit):

@@ -66,3 +66,57 @@ def test_quantized_model_cannot_be_saved_silently(folder, tmp_path):
 def test_8bit_and_4bit_together_is_an_error(folder):
     with pytest.raises(ValueError, match="not both"):
         load_pretrained(folder, load_in_8bit=True, load_in_4bit=True)
+
+
+# ---- T5's wo: kept out of quantisation by default (as transformers does), 4-bit on request ----
+@pytest.fixture(scope="module")
+def t5_folder(tiny_checkpoints):
+    return tiny_checkpoints("instructblip-t5", **SIZES)
+
+
+def wo_layers(llm) -> list[torch.nn.Module]:
+    return [m for n, m in llm.named_modules() if n.endswith("DenseReluDense.wo")]
+
+
+def test_t5_wo_can_be_quantized_in_4bit_and_then_matches_transformers_quantizing_it_too(t5_folder, monkeypatch):
+    import transformers.models.t5.modeling_t5 as modeling_t5
+    from transformers import AutoProcessor, BitsAndBytesConfig
+    from transformers import InstructBlipForConditionalGeneration as Reference
+
+    fp16_bytes = sum(p.numel() for p in load_pretrained(t5_folder).model.language_model.parameters()) * 2
+    default = load_pretrained(t5_folder, dtype="bfloat16", load_in_4bit=True).model.language_model
+    assert {type(m) for m in wo_layers(default)} == {torch.nn.Linear}  # transformers' rule: wo stays float
+    ours = load_pretrained(t5_folder, dtype="bfloat16", load_in_4bit=True, quantize_fp32_modules=True)
+    llm = ours.model.language_model
+    assert len(wo_layers(llm)) == 8 and {type(m) for m in wo_layers(llm)} == {bnb.nn.Linear4bit}
+    ratio, default_ratio = weight_bytes(llm) / fp16_bytes, weight_bytes(default) / fp16_bytes
+    print(f"4-bit T5 weights: {default_ratio:.3f} x fp16 with wo in bf16, {ratio:.3f} with wo in 4-bit")
+    assert ratio < default_ratio - 0.08
+
+    # transformers quantises wo too once T5 no longer lists it as kept in fp32: same tokens.
+    monkeypatch.setattr(modeling_t5.T5PreTrainedModel, "_keep_in_fp32_modules", [])
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=["vision_model", "qformer", "language_projection", "lm_head"],
+    )
+    reference = Reference.from_pretrained(t5_folder, dtype=torch.bfloat16, quantization_config=quantization).eval()
+    assert len(wo_layers(reference.language_model)) == 8
+    assert {type(m) for m in wo_layers(reference.language_model)} == {bnb.nn.Linear4bit}
+    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    batch = ours.prepare(image, PROMPT)
+    options = ours.generation_kwargs(GenerationOptions(max_new_tokens=8, min_new_tokens=8))
+    ours_ids = ours.model.generate_ids(**batch, **options)[0].tolist()
+    inputs = AutoProcessor.from_pretrained(t5_folder)(images=image, text=PROMPT, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    reference_ids = reference.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False, num_beams=1)[0].tolist()
+    assert reference_ids[1:] == ours_ids  # the reference's first id is T5's decoder start
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(dtype="bfloat16", load_in_8bit=True), "needs load_in_4bit: bitsandbytes' 8-bit matmul computes in fp16"),
+    (dict(dtype="float16", load_in_4bit=True), "needs dtype=bfloat16: this LLM keeps wo in fp32"),
+    (dict(dtype="bfloat16"), "needs load_in_4bit"),
+])
+def test_quantizing_t5_wo_where_it_would_overflow_fp16_is_refused_with_the_reason(t5_folder, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_pretrained(t5_folder, quantize_fp32_modules=True, **kwargs)
