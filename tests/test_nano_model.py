@@ -17,13 +17,13 @@ from instructblip_core import load_pretrained
 MODEL = Path(__file__).resolve().parent.parent / "assets" / "nano-instructblip"
 SAMPLES = 48
 # dataset -> minimum accuracy (0..1) on fresh samples; set from the measured results
-# Measured on 48 fresh samples each when the shipped model was built (fourth build):
-# vqa_attributes 0.375 (chance 1/6), counting 0.521 (most frequent answer 0.32), caption CIDEr-D
-# 1.508, vqa_compositional 0.375 (third build: 0.458, 0.521, 1.287, 0.312); yes_no is near
-# chance (0.56 on the test set), so it is not asserted. The model is still weak (README, "The
-# shipped small model"); these floors sit about 1.5 standard errors (0.07 at 48 samples) below
-# the measured values, above chance, and catch a broken build, loader or preprocessing.
-THRESHOLDS: dict[str, float] = {"vqa_attributes": 0.27, "counting": 0.4, "caption": 1.2, "vqa_compositional": 0.27}
+# Measured on 48 fresh samples each when the shipped model was built (fifth build):
+# vqa_attributes 0.521 (chance 1/6), counting 0.479 (most frequent answer 0.32), caption CIDEr-D
+# 1.528, vqa_compositional 0.333 (fourth build: 0.375, 0.521, 1.508, 0.375); yes_no is near
+# chance (0.59 on the test set), so it is not asserted. The model is still weak (README, "The
+# shipped small model"); these floors sit about 1.5 standard errors (0.07-0.1 at 48 samples)
+# below the measured values, above chance, and catch a broken build, loader or preprocessing.
+THRESHOLDS: dict[str, float] = {"vqa_attributes": 0.4, "counting": 0.37, "caption": 1.2, "vqa_compositional": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_shipped_model_is_small_and_loads_everywhere():
     size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
     assert size <= 50 * 1024**2, f"{size / 1024**2:.1f} MB"
     model = load_pretrained(MODEL)
-    assert model.config.num_query_tokens == 8
+    assert model.config.num_query_tokens == 16
     InstructBlipForConditionalGeneration.from_pretrained(MODEL)
     assert (MODEL / "README.md").read_text().count("Real photos need a real checkpoint") == 1
 

@@ -37,7 +37,7 @@ def test_result_loads_in_both_implementations_and_answers(quick_run):
     out, _ = quick_run
     export = out / "instruct" / "export"
     ours = load_pretrained(export)
-    assert ours.config.num_query_tokens == 8 and ours.config.vision_config.image_size == 64
+    assert ours.config.num_query_tokens == 16 and ours.config.vision_config.image_size == 64
     reference = InstructBlipForConditionalGeneration.from_pretrained(export, dtype=torch.float32).eval()
     image = next((out / "data" / "caption" / "images").glob("*.png"))
     batch = ours.prepare(str(image), "what colour is the circle?")

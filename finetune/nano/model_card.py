@@ -31,8 +31,8 @@ shapes, sizes, places, counts, left/right/above/below relations and the written 
 caption, to answer yes/no and multiple-choice questions and to write questions. How well it
 does is in the table below. This build is weak: it captions simple scenes well and names
 the asked-about colour about half the time (52% on held-in test questions, chance 17%), but
-its size answers are little better than a guess (62%, chance 50%) and its shape and place
-answers are no better (19%, chance 20%; "where is" 8%). Treat it as a working demonstration
+its size answers are little better than a guess (55%, chance 50%) and its shape and place
+answers hardly better (24%, chance 20%; "where is" 10%). Treat it as a working demonstration
 of the pipeline, not as a capable model.
 
 ## What it does not know
@@ -47,7 +47,7 @@ confuse it.
 | part | size |
 |---|---|
 | image encoder | ViT, 64 px, patch 8 (64 patches + CLS), 4 layers x 128 |
-| Q-Former | BERT-style, 4 layers x 128, cross-attention every 2nd layer, **8 query tokens** |
+| Q-Former | BERT-style, 4 layers x 128, cross-attention every 2nd layer, **16 query tokens** |
 | LLM | LLaMA architecture, 4 layers x 192, BPE vocabulary of {vocab} |
 
 ## How it was trained
