@@ -12,7 +12,7 @@ import time
 import pytest
 from PIL import Image
 
-from app import DEFAULT_MODEL, ENV_VARS, AppSettings, load_model, main, parse_args
+from app import DEFAULT_MODEL, ENV_VARS, AppSettings, load_model, main, parse_args, quantization
 from app_helpers import (APP_MODEL_SIZES, EXAMPLES, GREEDY, SHIPPED_MODEL, answers, app_for, ask, cpu_seconds,
                          direct_answers, notices, pictures, questions, stopped)
 from instructblip_core import load_pretrained
@@ -163,6 +163,9 @@ def test_a_missing_model_is_a_one_line_error(tmp_path):
 def test_quantizing_fp32_modules_in_8bit_is_a_one_line_error():
     with pytest.raises(SystemExit, match="quantize_fp32_modules needs load_in_4bit"):
         load_model(AppSettings(load_in_8bit=True, quantize_fp32_modules=True))
+    # The page header and the start-up log say which layers are quantised.
+    assert quantization(AppSettings(load_in_4bit=True, quantize_fp32_modules=True)) == "4-bit (fp32-kept layers too)"
+    assert (quantization(AppSettings(load_in_8bit=True)), quantization(AppSettings())) == ("8-bit", "")
 
 
 def test_settings_come_from_flags_or_environment(monkeypatch):
