@@ -110,27 +110,28 @@ DEFAULT_KEEP_IN_FP32 = ("query_tokens",)
 
 
 def keep_in_fp32_patterns(model: InstructBlipForConditionalGeneration, dtype: torch.dtype | None,
-                          *, quantizable: bool = True) -> list[str]:
+                          *, quantize_fp32_modules: bool = False) -> list[str]:
     """Patterns of the weights kept in fp32 for `dtype` (None: the list whatever the dtype,
-    which transformers also leaves out of 8/4-bit quantisation; quantizable=False leaves out the
-    LLM's loose list, which `quantize_fp32_modules` quantises after all)."""
+    which transformers also leaves out of 8/4-bit quantisation; with `quantize_fp32_modules`
+    that list no longer holds the LLM's own, which is then quantised after all)."""
     llm = model.language_model
+    composite = list(COMPOSITE_KEEP_IN_FP32.get(model.config.model_type, DEFAULT_KEEP_IN_FP32))
     llm_loose = list(getattr(llm, "_keep_in_fp32_modules", None) or [])
-    loose = [*COMPOSITE_KEEP_IN_FP32.get(model.config.model_type, DEFAULT_KEEP_IN_FP32), *llm_loose]
     strict = list(getattr(llm, "_keep_in_fp32_modules_strict", None) or [])
     if dtype is None:
-        return (loose if quantizable else [p for p in loose if p not in llm_loose]) + strict
-    return (loose if dtype == torch.float16 else []) + (strict if dtype in (torch.float16, torch.bfloat16) else [])
+        return composite + ([] if quantize_fp32_modules else llm_loose) + strict
+    loose = composite + llm_loose if dtype == torch.float16 else []
+    return loose + (strict if dtype in (torch.float16, torch.bfloat16) else [])
 
 
 def check_quantize_fp32_modules(model, bits: int | None, llm_dtype: torch.dtype) -> None:
     """Quantising what the LLM keeps in fp32 is safe only where nothing computes in fp16."""
-    kept = getattr(model.language_model, "_keep_in_fp32_modules", None)
     if bits != 4:
         raise ValueError(
             "quantize_fp32_modules needs load_in_4bit: bitsandbytes' 8-bit matmul computes in fp16 whatever "
             "the dtype, and the layers an LLM keeps in fp32 (T5's wo) are kept there because their outputs overflow fp16"
         )
+    kept = getattr(model.language_model, "_keep_in_fp32_modules", None)
     if kept and llm_dtype != torch.bfloat16:
         raise ValueError(
             f"quantize_fp32_modules needs dtype=bfloat16: this LLM keeps {', '.join(kept)} in fp32 because "
@@ -232,7 +233,7 @@ def load_pretrained(
     # bitsandbytes quantises when a CPU tensor moves to the target device, so the LLM waits on the CPU.
     load_weights(model, weight_files(folder), dtype, torch.device("cpu") if bits else device, llm_dtype)
     if bits:
-        skip = name_matcher(keep_in_fp32_patterns(model, None, quantizable=not quantize_fp32_modules))
+        skip = name_matcher(keep_in_fp32_patterns(model, None, quantize_fp32_modules=quantize_fp32_modules))
         quantize_linear_layers(model.language_model, bits, llm_dtype, device, skip=skip, prefix="language_model.")
     # The buffers built with the model (Q-Former position ids, rotary tables) are not in the
     # checkpoint and were made on the CPU: they follow the weights to the device.
