@@ -236,7 +236,7 @@ def describe_model(model: InstructBlip, settings: AppSettings) -> str:
     """One Markdown line about what is loaded, for the page header."""
     config = model.config
     kind = "InstructBLIP: the Q-Former reads your question" if config.qformer_config.use_text_input else "BLIP-2"
-    bits = f", LLM in {quantization(settings)}" if quantization(settings) else ""
+    bits = f", LLM in {q}" if (q := quantization(settings)) else ""
     name = Path(model.source).name if Path(model.source).is_dir() else model.source
     return (
         f"**{html.escape(name)}** · {kind} · {config.text_config.model_type} LLM · "
@@ -742,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     LOG.info("InstructBLIP studio: model %s (%s), dtype %s, device %s%s, loaded in %.1f s; "
              "%d answer(s) at once, %d CPU thread(s) each",
              model.source, describe_kind(model), str(model.dtype).replace("torch.", ""), model.device,
-             f", LLM {quantization(settings)}" if quantization(settings) else "",
+             f", LLM {q}" if (q := quantization(settings)) else "",
              time.perf_counter() - started, settings.concurrency_limit, threads)
     demo = build_demo(model, settings)
     _, local_url, share_url = demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
