@@ -99,13 +99,13 @@ class Stage1Model(nn.Module):
         self.pretrainer = pretrainer
         self.cache = cache
 
-    def forward(self, pixel_values: torch.Tensor, text_input_ids: torch.Tensor, text_attention_mask: torch.Tensor):
+    def forward(self, pixel_values: torch.Tensor, text_input_ids: torch.Tensor, text_attention_mask: torch.Tensor, **negatives):
         with torch.no_grad():
             if self.cache is not None:
                 image_embeds = self.cache.get_or_compute(pixel_values, self.vision_model)
             else:
                 image_embeds = self.vision_model(pixel_values)  # (B, N, Cv)
-        return self.pretrainer(image_embeds, text_input_ids, text_attention_mask)
+        return self.pretrainer(image_embeds, text_input_ids, text_attention_mask, **negatives)
 
 
 def feature_cache(config: TrainConfig) -> ImageFeatureCache | None:
@@ -150,26 +150,37 @@ def training_module(blip: InstructBlip, config: TrainConfig) -> nn.Module:
 
 # ---- data ---------------------------------------------------------------------------------------
 class Stage1Collator:
-    """Caption items -> pixel values and [CLS]-first, right-padded Q-Former tokens."""
+    """Caption items -> pixel values and [CLS]-first, right-padded Q-Former tokens.
+
+    Items with a negative caption (`item["negative"]`) add `negative_input_ids` /
+    `negative_attention_mask` and `has_negative` (B,): ITM's extra hard negatives. Items
+    without one get a bare [CLS] [SEP] row there, marked False.
+    """
 
     def __init__(self, processor: Processor, max_tokens: int):
         self.tokenizer = processor.qformer_tokenizer
         self.max_tokens = min(max_tokens, processor.qformer_max_length)
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        rows = []
-        for item in items:
-            ids = self.tokenizer(item["answer"]).input_ids  # [CLS] ... [SEP]
-            if len(ids) > self.max_tokens:  # keep the caption's start, end with [SEP]
-                ids = ids[: self.max_tokens - 1] + ids[-1:]
-            rows.append(ids)
+    def _ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text).input_ids  # [CLS] ... [SEP]
+        if len(ids) > self.max_tokens:  # keep the caption's start, end with [SEP]
+            ids = ids[: self.max_tokens - 1] + ids[-1:]
+        return ids
+
+    def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
-        return {
-            "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (B, 3, H, W)
-            "text_input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),  # (B, T)
-            "text_attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),  # (B, T)
-        }
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (B, T)
+        return ids, torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        ids, mask = self._padded([self._ids(item["answer"]) for item in items])
+        batch = {"pixel_values": torch.stack([it["pixel_values"] for it in items]), "text_input_ids": ids, "text_attention_mask": mask}
+        negatives = [item.get("negative") for item in items]
+        if any(negatives):
+            batch["negative_input_ids"], batch["negative_attention_mask"] = self._padded([self._ids(n or "") for n in negatives])
+            batch["has_negative"] = torch.tensor([n is not None for n in negatives])  # (B,)
+        return batch
 
 
 def collator(processor: Processor, config: TrainConfig):

@@ -8,6 +8,8 @@ File formats (one JSON object per line in .jsonl; a list of objects in a .json f
                                                              {"from": "gpt", "value": "..."}, ...]}
       trained turn by turn: one record per "gpt" answer, the turns before it as its history.
   (c) caption records      {"image": ..., "caption"|"text": "..." or ["...", ...]}  (stage 1/2, task "caption")
+      and optional "negative_captions": ["...", ...], texts known NOT to describe the image
+      (e.g. one object's colour swapped): stage 1 adds them to ITM as hard negatives.
 Videos give their frames instead of one image: "images": ["clip/0.png", "clip/1.png", ...].
 
 question_generation turns a VQA pair around: a {"question", "answer"} record becomes "write a
@@ -68,6 +70,7 @@ class Record:
     options: list[str] | None = None  # multiple-choice answers
     history: list[tuple[str, str]] = field(default_factory=list)  # earlier (question, answer) turns
     extra: dict[str, str] = field(default_factory=dict)  # other template fields, e.g. {"answer": ...} for question_generation
+    negatives: list[str] = field(default_factory=list)  # captions that do NOT describe the image (stage-1 ITM)
     source: str  # "train.jsonl:17", where the record came from (errors name it)
 
 
@@ -216,6 +219,8 @@ def _records_from_entry(entry: Any, source: str, ctx: _Context) -> list[Record]:
     if not isinstance(entry, dict):
         raise _BadEntry(f"wrong type: expected a JSON object, got {_json_type(entry)}")
     image, frames = _images(entry, ctx)
+    if _present(entry, "negative_captions") and not any(_present(entry, key) for key in ("caption", "text")):
+        raise _BadEntry("field 'negative_captions' belongs to caption records (with 'caption' or 'text')")
     if "conversations" in entry:
         return _conversation_records(entry, image, frames, source, ctx)
     if any(_present(entry, key) for key in ("answer", "text_output")):
@@ -355,13 +360,23 @@ def _caption_records(entry: dict, image, frames, source: str, ctx: _Context) -> 
     if not captions:
         raise _BadEntry(f"field {key!r} is an empty list")
     _check_template_fields(ctx.task, {})
+    negatives = _negative_captions(entry)
     records = []
     for i, caption in enumerate(captions):
         what = f"{key}[{i}]" if len(captions) > 1 else key
         text = _check_answer(_check_text(caption, f"field {what!r}"), ctx, what)
         where = f"{source} (caption {i + 1} of {len(captions)})" if len(captions) > 1 else source
-        records.append(Record(image=image, images=frames, answer=text, task=ctx.task, source=where))
+        records.append(Record(image=image, images=frames, answer=text, task=ctx.task, source=where, negatives=negatives))
     return records
+
+
+def _negative_captions(entry: dict) -> list[str]:
+    negatives = entry.get("negative_captions")
+    if negatives is None:
+        return []
+    if not isinstance(negatives, list):
+        raise _BadEntry(f"field 'negative_captions' must be a list of strings, got {_json_type(negatives)}")
+    return [_check_text(text, f"field 'negative_captions[{i}]'") for i, text in enumerate(negatives)]
 
 
 def _conversation_records(entry: dict, image, frames, source: str, ctx: _Context) -> list[Record]:
@@ -408,7 +423,7 @@ def _conversation_turns(conversations: Any) -> list[tuple[str, str]]:
 
 
 class InstructionDataset(Dataset):
-    """Records -> model-ready items: {"pixel_values", "prompt", "qformer_text", "answer", "source"}.
+    """Records -> model-ready items: {"pixel_values", "prompt", "qformer_text", "answer", "negative", "source"}.
 
     prompt_style:
       "instruction"  the record's own instruction, else a template of its task (the paper)
@@ -471,15 +486,20 @@ class InstructionDataset(Dataset):
         # stream per purpose, so a change to the template lists leaves the crops as they were.
         return random.Random(f"{self.seed}:{self.name}:{self.epoch}:{index}:{purpose}")
 
-    def texts(self, index: int) -> dict[str, str]:
-        """The text side of item `index` (no image decoding): prompt, qformer_text, answer, source."""
+    def texts(self, index: int) -> dict[str, str | None]:
+        """The text side of item `index` (no image decoding): prompt, qformer_text, answer, negative, source.
+
+        `negative` is one of the record's negative captions (None without any), picked per item
+        like the template."""
         record = self.records[index]
         current = self._current_text(record, self._rng(index, "template"))
         prompt = build_prompt(
             current, record.history, self.template, count_tokens=self.count_tokens, max_prompt_tokens=self.max_prompt_tokens
         )
         qformer_text = prompt.qformer if self.qformer_instruction else ""
-        return {"prompt": prompt.llm, "qformer_text": qformer_text, "answer": record.answer, "source": record.source}
+        negative = self._rng(index, "negative").choice(record.negatives) if record.negatives else None
+        return {"prompt": prompt.llm, "qformer_text": qformer_text, "answer": record.answer, "negative": negative,
+                "source": record.source}
 
     def _current_text(self, record: Record, rng: random.Random) -> str:
         fields = {"question": record.question, "options": record.options, **record.extra}

@@ -14,6 +14,10 @@ mask (see masks.py):
      image, drawn from the softmax of the ITC similarities with the positives excluded (hard
      negatives); queries and text attend to each other (bidirectional mask); a linear head on
      the mean of the Q query outputs; 2-way cross-entropy over B positives and 2B negatives.
+     Captions may bring their own negatives too (`negative_input_ids`: a text known not to
+     match the image, such as its caption with one object's colour swapped): each adds an
+     (image, negative text) row. ITC's in-batch negatives rarely differ from the positive in
+     which attribute belongs to which object; these do, so matching has to bind them.
   3. ITG, image-grounded text generation: the text, with [DEC] replacing [CLS] as the BOS, is
      decoded under the multimodal causal mask; next-token loss on the text (label smoothing
      0.1, as BLIP-2), padding ignored.
@@ -317,9 +321,13 @@ class QFormerPretrainer(nn.Module):
         return self.itm_head(hidden[:, :Q].mean(dim=1))  # (B, 2)
 
     def matching(
-        self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, itc: ContrastiveResult
+        self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, itc: ContrastiveResult,
+        given_negatives: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ITM loss over B positives + 2B hard negatives; also the sampled negatives' indices."""
+        """ITM loss over B positives + 2B hard negatives (+ the given negatives); also the sampled negatives' indices.
+
+        given_negatives: (ids (B, T'), mask (B, T'), present (B,) bool), texts that do not match the local images.
+        """
         B = ids.shape[0]
         images_all, _ = gather_keep_local_grad(image_embeds)  # (B_all, N, Cv)
         ids_all, _ = gather_keep_local_grad(ids, pad_value=self.config.pad_token_id)  # (B_all, T_max)
@@ -328,11 +336,21 @@ class QFormerPretrainer(nn.Module):
         negative_image = sample_hard_negatives(itc.sim_t2i, itc.positives)  # (B,) for each text
         own = torch.arange(B, device=ids.device) + itc.offset  # local pairs, padded like the rest
         # Rows: (image_i, text_i) match; (negative image of text_i, text_i); (image_i, negative text of image_i).
-        images = torch.cat([image_embeds, images_all[negative_image], image_embeds])  # (3B, N, Cv)
-        texts = torch.cat([ids_all[own], ids_all[own], ids_all[negative_text]])  # (3B, T_max)
-        masks = torch.cat([mask_all[own], mask_all[own], mask_all[negative_text]])  # (3B, T_max)
-        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(ids.device)  # (3B,)
-        loss = F.cross_entropy(self.itm_logits(images, texts, masks).float(), labels)
+        images = [image_embeds, images_all[negative_image], image_embeds]  # 3 x (B, N, Cv)
+        texts = [ids_all[own], ids_all[own], ids_all[negative_text]]  # 3 x (B, T_max)
+        masks = [mask_all[own], mask_all[own], mask_all[negative_text]]
+        labels = [torch.ones(B), torch.zeros(2 * B)]
+        if given_negatives is not None:
+            neg_ids, neg_mask, present = given_negatives
+            keep = present.nonzero().flatten()  # (K,)
+            width = max(ids_all.shape[1], neg_ids.shape[1])
+            texts = [_pad_to(t, [t.shape[0], width], self.config.pad_token_id) for t in texts] + [
+                _pad_to(neg_ids[keep], [len(keep), width], self.config.pad_token_id)]
+            masks = [_pad_to(m, [m.shape[0], width], 0) for m in masks] + [_pad_to(neg_mask[keep], [len(keep), width], 0)]
+            images.append(image_embeds[keep])
+            labels.append(torch.zeros(len(keep)))
+        logits = self.itm_logits(torch.cat(images), torch.cat(texts), torch.cat(masks))  # (3B [+ K], 2)
+        loss = F.cross_entropy(logits.float(), torch.cat(labels).long().to(ids.device))
         return loss, negative_text, negative_image
 
     @torch.no_grad()
@@ -365,8 +383,15 @@ class QFormerPretrainer(nn.Module):
         text_input_ids: torch.Tensor,
         text_attention_mask: torch.Tensor,
         pair_ids: torch.Tensor | None = None,
+        negative_input_ids: torch.Tensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
+        has_negative: torch.Tensor | None = None,
     ) -> Stage1Output:
-        """image_embeds (B, N, Cv) from the frozen image encoder; text (B, T) [CLS]-first, right-padded."""
+        """image_embeds (B, N, Cv) from the frozen image encoder; text (B, T) [CLS]-first, right-padded.
+
+        negative_input_ids / negative_attention_mask (B, T'), has_negative (B,) bool: a text per
+        image known not to match it (rows with has_negative False are ignored), for ITM.
+        """
         self._check_inputs(image_embeds, text_input_ids, text_attention_mask)
         mask = text_attention_mask.long()
         with torch.no_grad():  # keep the stored temperature itself in range, as BLIP-2 does
@@ -379,8 +404,15 @@ class QFormerPretrainer(nn.Module):
         text_feat = F.normalize(self.text_proj(hidden[:, Q]), dim=-1)  # (B, D) at [CLS]
         itc = self.contrastive(image_feats, text_feat, pair_ids)
 
-        # 2. ITM with hard negatives drawn from the ITC similarities.
-        loss_itm, negative_text, negative_image = self.matching(image_embeds, text_input_ids, mask, itc)
+        # 2. ITM with hard negatives drawn from the ITC similarities (and the given ones).
+        given = None
+        if negative_input_ids is not None:
+            if negative_attention_mask is None:
+                raise ValueError("negative_input_ids needs negative_attention_mask")
+            self._check_inputs(image_embeds, negative_input_ids, negative_attention_mask)
+            present = has_negative if has_negative is not None else torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+            given = (negative_input_ids, negative_attention_mask.long(), present.bool())
+        loss_itm, negative_text, negative_image = self.matching(image_embeds, text_input_ids, mask, itc, given)
 
         # 3. ITG.
         loss_itg = self.generation_loss(image_embeds, text_input_ids, mask)

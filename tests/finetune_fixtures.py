@@ -66,12 +66,16 @@ def write_word_dataset(folder: Path, n: int = 16, *, own_instruction: bool = Tru
     return path
 
 
-def write_caption_dataset(folder: Path, n: int = 8, name: str = "captions.jsonl") -> Path:
+def write_caption_dataset(folder: Path, n: int = 8, name: str = "captions.jsonl", negatives: bool = False) -> Path:
+    """n caption records; with `negatives`, every even one also has a false caption (stage 1's ITM)."""
     images = write_images(folder, n)
     path = folder / name
     with open(path, "w") as f:
         for i, image in enumerate(images):
-            f.write(json.dumps({"image": image, "caption": f"a {WORDS[i]} on a plain {WORDS[(i + 5) % 16]}"}) + "\n")
+            record = {"image": image, "caption": f"a {WORDS[i]} on a plain {WORDS[(i + 5) % 16]}"}
+            if negatives and i % 2 == 0:
+                record["negative_captions"] = [f"a {WORDS[(i + 5) % 16]} on a plain {WORDS[i]}"]
+            f.write(json.dumps(record) + "\n")
     return path
 
 

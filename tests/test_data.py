@@ -136,6 +136,35 @@ def test_caption_records_string_and_list(folder):
     assert none["prompt"] == "" and none["answer"] == "a red and white picture"
 
 
+def test_caption_records_carry_their_negative_captions(folder):
+    """Stage 1's extra ITM negatives: texts known not to describe the image, one picked per item."""
+    path = write_lines(folder / "captions.jsonl", [
+        {"image": "img/a.png", "caption": ["a red left", "red and white"], "negative_captions": ["a white left", "a green left"]},
+        {"image": "img/b.png", "caption": "green left"},
+    ])
+    records = load_records(path, "caption").records
+    assert [r.negatives for r in records] == [["a white left", "a green left"]] * 2 + [[]]
+    ds = dataset(records, prompt_style="none")
+    picked = {ds.texts(0)["negative"] for _ in range(3)}
+    assert len(picked) == 1 and picked <= {"a white left", "a green left"}  # the same per item, run after run
+    assert {dataset(records, prompt_style="none", seed=s).texts(0)["negative"] for s in range(20)} == {"a white left", "a green left"}
+    assert ds.texts(2)["negative"] is None
+
+    bad = write_lines(folder / "bad.jsonl", [
+        {"image": "img/a.png", "caption": "x", "negative_captions": "a white left"},
+        {"image": "img/a.png", "caption": "x", "negative_captions": ["fine", ""]},
+        {"image": "img/a.png", "question": "q?", "answer": "a", "negative_captions": ["no"]},
+        {"image": "img/a.png", "caption": "the only good line"},
+    ])
+    result = load_records(bad, "caption", skip_bad=True)
+    assert [r.answer for r in result.records] == ["the only good line"]
+    assert result.skipped == [
+        f"{bad}:1: field 'negative_captions' must be a list of strings, got string",
+        f"{bad}:2: field 'negative_captions[1]' is empty",
+        f"{bad}:3: field 'negative_captions' belongs to caption records (with 'caption' or 'text')",
+    ]
+
+
 def test_json_list_file_reports_element_lines(folder):
     path = folder / "list.json"
     path.write_text(
@@ -341,7 +370,8 @@ def test_set_epoch_redraws_templates_and_crops(folder):
 def test_item_contents_and_eval_pixels(folder):
     records = _vqa_records(folder, 2)
     item = dataset(records)[1]
-    assert set(item) == {"pixel_values", "prompt", "qformer_text", "answer", "source"}
+    assert set(item) == {"pixel_values", "prompt", "qformer_text", "answer", "negative", "source"}
+    assert item["negative"] is None  # a VQA record has no negative captions
     assert item["answer"] == "answer 1" and item["source"] == "mem:1"
     expected = PROCESSOR.pixel_values(PIL.Image.open(folder / "img" / "a.png").convert("RGB"))
     assert torch.equal(item["pixel_values"], expected)

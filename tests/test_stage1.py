@@ -173,6 +173,44 @@ def test_forward_samples_itm_negatives_outside_the_pair(tokenizer):
         assert not (out.negative_image_index == torch.arange(16)).any()
 
 
+def test_given_negative_captions_join_itm_as_non_matching_rows(tokenizer):
+    """A caption's own negatives (e.g. attributes swapped between two objects) are extra ITM rows
+    labelled "no match": the loss is the mean over the 3B sampled rows and these K rows."""
+    model = make_pretrainer(tokenizer).eval()  # no dropout: the same rows give the same logits
+    images, ids, mask = toy_pairs(tokenizer)
+    B = len(ids)
+    swapped = tokenizer([f"a {c} {s} and more" for c in COLOURS for s in reversed(SHAPES)], padding=True, return_tensors="pt")
+    has_negative = torch.arange(B) % 3 != 0  # some captions come without a negative
+    K = int(has_negative.sum())
+
+    rows = []
+    hook = model.itm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    torch.manual_seed(7)
+    plain = model(images, ids, mask)
+    torch.manual_seed(7)  # the same sampled in-batch negatives
+    given = model(images, ids, mask, negative_input_ids=swapped["input_ids"], negative_attention_mask=swapped["attention_mask"],
+                  has_negative=has_negative)
+    torch.manual_seed(7)
+    none_present = model(images, ids, mask, negative_input_ids=swapped["input_ids"],
+                         negative_attention_mask=swapped["attention_mask"], has_negative=torch.zeros(B, dtype=torch.bool))
+    hook.remove()
+    assert rows == [3 * B, 3 * B + K, 3 * B]
+    assert torch.equal(given.negative_text_index, plain.negative_text_index)
+    assert torch.allclose(none_present.loss_itm, plain.loss_itm, atol=1e-6)
+
+    with torch.no_grad():
+        extra = model.itm_logits(images[has_negative], swapped["input_ids"][has_negative], swapped["attention_mask"][has_negative])
+        extra_loss = torch.nn.functional.cross_entropy(extra, torch.zeros(K, dtype=torch.long), reduction="sum")
+    expected = (3 * B * plain.loss_itm + extra_loss) / (3 * B + K)
+    assert torch.allclose(given.loss_itm, expected, atol=1e-5)
+    assert torch.allclose(given.loss_itc, plain.loss_itc) and torch.allclose(given.loss_itg, plain.loss_itg)
+
+    with pytest.raises(ValueError, match="needs negative_attention_mask"):
+        model(images, ids, mask, negative_input_ids=swapped["input_ids"])
+    with pytest.raises(ValueError, match="must both be"):
+        model(images, ids, mask, negative_input_ids=swapped["input_ids"][:3], negative_attention_mask=swapped["attention_mask"][:3])
+
+
 # ----------------------------------------------------------------------------- gradients
 
 

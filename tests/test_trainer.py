@@ -227,13 +227,17 @@ def test_stage2_blip2_trains_and_exports(tiny_checkpoints, tmp_path):
 
 
 def test_stage1_losses_decrease_and_export_moves_the_qformer(tiny_checkpoints, tmp_path):
-    captions = write_caption_dataset(tmp_path / "data")
+    captions = write_caption_dataset(tmp_path / "data", negatives=True)
     config = config_for(tiny_checkpoints("instructblip-opt"), captions, tmp_path / "run", stage="stage1", max_steps=30, lr=1e-3,
                         warmup_steps=5, log_every=10, per_device_batch_size=8, train_data=[DataConfig(str(captions), "caption")])  # fmt: skip
     run = prepare(config)
     pretrainer = run.trainer.unwrapped.pretrainer
     assert torch.equal(pretrainer.query_tokens, run.blip.model.query_tokens)  # stage1_init: base
+    itm_rows = []
+    pretrainer.itm_head.register_forward_hook(lambda module, args, out: itm_rows.append(args[0].shape[0]))
     run.trainer.train()
+    # Each batch of 8 has 4 captions with a negative caption of their own: ITM sees 3 x 8 + 4 rows.
+    assert itm_rows == [28] * 30
     logged = [m for m in metrics(tmp_path / "run") if "train/loss" in m]
     first, last = logged[0], logged[-1]  # means over steps 1-10 and 21-30
     print({k: (round(first[k], 3), round(last[k], 3)) for k in first if k.startswith("train/loss")})
