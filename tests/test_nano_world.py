@@ -265,3 +265,24 @@ def test_clip_frames_render_at_the_subjects_position():
         o = next(o for o in frame.objects if o.ident == clip.subject)
         pixels = np.asarray(image, dtype=np.float32)
         assert np.abs(pixels[solid_region(o, 64)].mean(axis=0) - COLOURS[subject.colour]).max() < 12
+
+
+def test_vision_pretraining_reports_accuracy_on_object_patches_apart_from_background():
+    """A ViT that calls every patch background scores high overall (most patches are empty) and
+    0 on the patches that show an object: the report must say so, not hide it in the mean."""
+    import torch
+
+    from finetune.nano.pretrain_vision import GLOBAL_HEADS, HEADS, PretrainHeads
+
+    heads = PretrainHeads(width=4)
+    with torch.no_grad():
+        for head in heads.patch.values():
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[0] = 1.0  # always "nothing here"
+    targets = {name: torch.zeros(2, 64, dtype=torch.long) for name in HEADS}
+    targets["shape"][:, :8] = 3  # 8 of 64 patches show a shape
+    targets.update({name: torch.zeros(2, dtype=torch.long) for name in GLOBAL_HEADS})
+    _, accuracy = heads(torch.randn(2, 65, 4), targets)
+    assert accuracy["shape"] == 56 / 64 and accuracy["shape_on_objects"] == 0.0
+    assert accuracy["colour"] == 1.0 and "colour_on_objects" not in accuracy  # no coloured patch in these targets

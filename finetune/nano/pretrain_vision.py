@@ -69,7 +69,13 @@ class PretrainHeads(nn.Module):
         for name, head in self.patch.items():
             logits = head(tokens[:, 1:])  # (B, G*G, n)
             losses.append(F.cross_entropy(logits.flatten(0, 1), targets[name].flatten()))
-            accuracy[name] = (logits.argmax(-1) == targets[name]).float().mean().item()
+            right = logits.argmax(-1) == targets[name]  # (B, G*G)
+            accuracy[name] = right.float().mean().item()
+            # Most patches are background, which every head gets right: the patches that show an
+            # object (or text) are what the Q-Former must read (shape 0.90 overall was 0.29 on them).
+            covered = targets[name] > 0
+            if covered.any():
+                accuracy[f"{name}_on_objects"] = right[covered].float().mean().item()
         for name, head in self.cls.items():
             logits = head(tokens[:, 0])  # (B, n)
             losses.append(F.cross_entropy(logits, targets[name]))
