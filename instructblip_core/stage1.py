@@ -16,8 +16,9 @@ mask (see masks.py):
      the mean of the Q query outputs; 2-way cross-entropy over B positives and 2B negatives.
      Captions may bring their own negatives too (`negative_input_ids`: a text known not to
      match the image, such as its caption with one object's colour swapped): each adds an
-     (image, negative text) row. ITC's in-batch negatives rarely differ from the positive in
-     which attribute belongs to which object; these do, so matching has to bind them.
+     (image, negative text) row. ITC picks in-batch negatives by overall similarity; a given
+     negative can differ from the truth in one binding only (which object has which colour),
+     so that matching cannot succeed without checking it.
   3. ITG, image-grounded text generation: the text, with [DEC] replacing [CLS] as the BOS, is
      decoded under the multimodal causal mask; next-token loss on the text (label smoothing
      0.1, as BLIP-2), padding ignored.
