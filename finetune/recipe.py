@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from instructblip_core.augment import EvalTransform, TrainTransform
-from instructblip_core.collate import InstructionCollator, answer_token_counter
+from instructblip_core.collate import InstructionCollator, answer_token_counter, pad_rows
 from instructblip_core.data import ImageFeatureCache, InstructionDataset, load_records
 from instructblip_core.evaluation import EvalSet, Evaluator
 from instructblip_core.generation import GenerationOptions
@@ -168,10 +168,8 @@ class Stage1Collator:
         return ids
 
     def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (B, T)
-        return ids, torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        """Right-padded ids (B, T) and their attention mask (B, T)."""
+        return pad_rows(rows, self.tokenizer.pad_token_id), pad_rows([[1] * len(r) for r in rows], 0)
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         ids, mask = self._padded([self._ids(item["answer"]) for item in items])

@@ -120,21 +120,21 @@ class InstructionCollator:
         sequences = [p + a for p, a in zip(prompts, answers)]
         labels = [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)]
         return {
-            "input_ids": _pad(sequences, self.tokenizer.pad_token_id),  # (B, T)
-            "attention_mask": _pad([[1] * len(s) for s in sequences], 0),  # (B, T)
-            "labels": _pad(labels, IGNORE_INDEX),  # (B, T)
+            "input_ids": pad_rows(sequences, self.tokenizer.pad_token_id),  # (B, T)
+            "attention_mask": pad_rows([[1] * len(s) for s in sequences], 0),  # (B, T)
+            "labels": pad_rows(labels, IGNORE_INDEX),  # (B, T)
         }
 
     def _encoder_decoder(self, prompts: list[list[int]], answers: list[list[int]]) -> dict[str, torch.Tensor]:
         return {
-            "input_ids": _pad(prompts, self.tokenizer.pad_token_id),  # (B, T_enc)
-            "attention_mask": _pad([[1] * len(p) for p in prompts], 0),  # (B, T_enc)
-            "labels": _pad(answers, IGNORE_INDEX),  # (B, T_dec)
-            "decoder_attention_mask": _pad([[1] * len(a) for a in answers], 0),  # (B, T_dec)
+            "input_ids": pad_rows(prompts, self.tokenizer.pad_token_id),  # (B, T_enc)
+            "attention_mask": pad_rows([[1] * len(p) for p in prompts], 0),  # (B, T_enc)
+            "labels": pad_rows(answers, IGNORE_INDEX),  # (B, T_dec)
+            "decoder_attention_mask": pad_rows([[1] * len(a) for a in answers], 0),  # (B, T_dec)
         }
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
     """Right-pad rows of ids to one length -> (B, T) long."""
     length = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (length - len(r)) for r in rows], dtype=torch.long)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .collate import pad_rows
 from .losses import answer_log_likelihoods
 from .model import IGNORE_INDEX, InstructBlipForConditionalGeneration
 
@@ -33,11 +34,6 @@ def _scores(logits: torch.Tensor, labels: torch.Tensor) -> CandidateScores:
     return CandidateScores(sum=ll.sum.tolist(), mean=ll.mean.tolist(), num_tokens=(labels != IGNORE_INDEX).sum(-1).tolist())
 
 
-def _pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
-
-
 @torch.no_grad()
 def score_candidates(
     model: InstructBlipForConditionalGeneration,
@@ -53,9 +49,9 @@ def score_candidates(
     if model.is_encoder_decoder:
         return _score_encoder_decoder(model, visual, prompt_ids, candidate_ids, device)
     rows = [prompt_ids + c for c in candidate_ids]
-    input_ids = _pad_right(rows, pad_token_id).to(device)  # (K, T)
-    attention = _pad_right([[1] * len(r) for r in rows], 0).to(device)
-    labels = _pad_right([[IGNORE_INDEX] * len(prompt_ids) + c for c in candidate_ids], IGNORE_INDEX).to(device)
+    input_ids = pad_rows(rows, pad_token_id).to(device)  # (K, T)
+    attention = pad_rows([[1] * len(r) for r in rows], 0).to(device)
+    labels = pad_rows([[IGNORE_INDEX] * len(prompt_ids) + c for c in candidate_ids], IGNORE_INDEX).to(device)
     logits = model(input_ids=input_ids, attention_mask=attention, visual=visual.expand(K, -1, -1)).logits
     Q = visual.shape[1]
     # logits at position p predict token p+1; the text starts after the Q visual slots.
@@ -68,7 +64,7 @@ def _score_encoder_decoder(model, visual, prompt_ids, candidate_ids, device):
     embeds, mask = model.embed_with_visual_prompt(visual, prompt, None)  # (1, Q+T, C)
     encoder_out = model.language_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)  # once
     hidden = encoder_out.last_hidden_state.expand(K, -1, -1)  # (K, Q+T, C), a view: no copy
-    labels = _pad_right(candidate_ids, IGNORE_INDEX).to(device)  # (K, T_dec)
+    labels = pad_rows(candidate_ids, IGNORE_INDEX).to(device)  # (K, T_dec)
     out = model.language_model(
         encoder_outputs=(hidden,), attention_mask=mask.expand(K, -1), labels=labels
     )
