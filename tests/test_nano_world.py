@@ -286,3 +286,53 @@ def test_vision_pretraining_reports_accuracy_on_object_patches_apart_from_backgr
     _, accuracy = heads(torch.randn(2, 65, 4), targets)
     assert accuracy["shape"] == 56 / 64 and accuracy["shape_on_objects"] == 0.0
     assert accuracy["colour"] == 1.0 and "colour_on_objects" not in accuracy  # no coloured patch in these targets
+
+
+def test_vision_pretraining_object_targets_average_each_objects_own_patches():
+    """The per-object target reads the mean of exactly the patches the patch targets give that
+    object, and names that object's shape, colour and size; a batch keeps only its own objects."""
+    import torch
+    import torch.nn.functional as F
+
+    from finetune.nano.pretrain_vision import OBJECT_HEADS, PretrainHeads, object_targets, objects_in, patch_targets
+    from finetune.nano.splits import scene_facts
+
+    facts = [scene_facts(s) for s in scenes(12, CLUTTERED, "objtarget")]
+    rows = object_targets(facts, 64, 8)
+    assert rows["weights"].shape == (len(rows["image"]), 64)
+    assert torch.allclose(rows["weights"].sum(1), torch.ones(len(rows["image"])))
+    counted = 0
+    for i, scene in enumerate(facts):
+        mine = (rows["image"] == i).nonzero().flatten().tolist()
+        # an object too small to cover a quarter of any 8x8 patch has no token about it
+        seen = [o for k, o in enumerate(scene["objects"]) if (object_mask(
+            SceneObject(o["shape"], o["colour"], o["size"], o["x"], o["y"], o["text"], k), 64
+        ).reshape(8, 8, 8, 8).mean(axis=(1, 3)) >= 0.25).any()]
+        assert len(mine) == len(seen) >= len(scene["objects"]) - 1
+        shapes = patch_targets(scene, 64, 8)["shape"].reshape(-1)
+        for k, o in zip(mine, seen):
+            assert SHAPES[rows["shape"][k]] == o["shape"] and list(COLOURS)[rows["colour"][k]] == o["colour"]
+            on = rows["weights"][k] > 0
+            # patch targets paint objects in order, so a later object may own a shared patch
+            assert (shapes[on.numpy()] > 0).all()
+        counted += len(mine)
+    assert counted == len(rows["image"])
+
+    batch = [7, 2]
+    picked = objects_in(rows, batch)
+    assert sorted(picked["image"].unique().tolist()) == [0, 1]
+    assert len(picked["image"]) == int((rows["image"] == 7).sum() + (rows["image"] == 2).sum())
+    assert torch.equal(picked["shape"][picked["image"] == 0], rows["shape"][rows["image"] == 7])
+
+    heads = PretrainHeads(width=5)
+    tokens = torch.randn(2, 65, 5)
+    empty = {name: torch.zeros(2, 64, dtype=torch.long) for name in heads.patch} | {
+        name: torch.zeros(2, dtype=torch.long) for name in heads.cls}
+    without, _ = heads(tokens, empty)
+    with_objects, accuracy = heads(tokens, empty, picked)
+    expected = 0.0
+    for name in OBJECT_HEADS:
+        means = torch.stack([tokens[j, 1:][picked["weights"][k] > 0].mean(0) for k, j in enumerate(picked["image"].tolist())])
+        expected = expected + F.cross_entropy(heads.object[name](means), picked[name])
+        assert 0.0 <= accuracy[f"object_{name}"] <= 1.0
+    assert torch.allclose(with_objects - without, expected, atol=1e-5)
