@@ -62,6 +62,26 @@ def test_results_cover_every_test_set(quick_run):
     assert results["classification"]["metric"] == "ranking_accuracy"  # vocabulary ranking over the shapes
     assert results["multiple_choice"]["metric"] == "ranking_accuracy"
     assert all(0 <= r["value"] <= 10 for r in results.values())
+    # per question kind: the kinds' scores, weighted by their counts, make up the set's score
+    for name in ("vqa_attributes", "counting", "spatial"):
+        kinds = results[name]["by_kind"]
+        assert sum(k["n"] for k in kinds.values()) == results[name]["n"]
+        weighted = sum(k["value"] * k["n"] for k in kinds.values()) / results[name]["n"]
+        assert abs(weighted - results[name]["value"]) < 1e-9, name
+    assert set(results["vqa_attributes"]["by_kind"]) <= {"colour", "shape", "size"}
+    assert "by_kind" not in results["multiple_choice"]  # ranked, not generated: no per-row VQA score
+
+
+def test_model_card_states_the_measured_accuracy_by_question_kind():
+    from finetune.nano.model_card import kinds_sentence
+
+    results = {"vqa_attributes": {"by_kind": {"colour": {"value": 0.576, "n": 106}, "shape": {"value": 0.4, "n": 100},
+                                              "size": {"value": 0.702, "n": 94}}},
+               "spatial": {"by_kind": {"where": {"value": 0.076, "n": 132}, "neighbour": {"value": 0.2, "n": 71}}}}
+    assert kinds_sentence(results) == (
+        "Asked about one object of a held-in test scene, it names its colour in 58% (chance 17%), its shape in "
+        "40% (chance 20%), its size in 70% (chance 50%) and its place in 8%.")
+    assert kinds_sentence({}) == ""
 
 
 def test_rerun_resumes_instead_of_starting_over(quick_run):

@@ -15,6 +15,7 @@ from instructblip_core.data import InstructionDataset, load_records
 from instructblip_core.evaluation import EvalSet, Evaluator
 from instructblip_core.generation import GenerationOptions
 from instructblip_core.loading import load_pretrained
+from instructblip_core.metrics import vqa_accuracy
 
 from .splits import HELD_IN
 from .world import SHAPES
@@ -50,7 +51,21 @@ def evaluate_all(
         rows = report.predictions[entry.name]
         results[entry.name] = {"split": entry.split, "task": entry.task, "metric": eval_set.metric, "value": value,
                                "n": len(rows), "mirrors": entry.mirrors, "examples": rows[:3]}
+        if eval_set.metric == "vqa_accuracy":
+            kinds = [json.loads(line).get("kind") for line in (manifest.root / entry.path).read_text().splitlines() if line]
+            if any(kinds):
+                results[entry.name]["by_kind"] = accuracy_by_kind(rows, kinds)
     return results
+
+
+def accuracy_by_kind(rows: list[dict], kinds: list[str | None]) -> dict[str, dict]:
+    """The set's question kinds (colour / shape / size, count_shape, where, ...) scored apart:
+    kind -> {value, n}. rows are the evaluator's predictions, in record order."""
+    scores: dict[str, list[float]] = {}
+    for row, kind in zip(rows, kinds):
+        if kind:
+            scores.setdefault(kind, []).append(vqa_accuracy(row["prediction"], [row["answer"]]))
+    return {kind: {"value": sum(v) / len(v), "n": len(v)} for kind, v in sorted(scores.items())}
 
 
 def held_out_average(results: dict, exclude_metric: str = "cider") -> float:

@@ -29,11 +29,9 @@ digit or a two-letter word written on them, and short clips of one object moving
 colour, appearing or disappearing. It was trained to answer questions about colours,
 shapes, sizes, places, counts, left/right/above/below relations and the written text, to
 caption, to answer yes/no and multiple-choice questions and to write questions. How well it
-does is in the table below. This build is weak: it captions simple scenes well and names
-the asked-about colour about half the time (52% on held-in test questions, chance 17%), but
-its size answers are little better than a guess (55%, chance 50%) and its shape and place
-answers hardly better (24%, chance 20%; "where is" 10%). Treat it as a working demonstration
-of the pipeline, not as a capable model.
+does is in the table below.
+{kinds}
+Treat it as a working demonstration of the pipeline, not as a capable model.
 
 ## What it does not know
 
@@ -53,7 +51,8 @@ confuse it.
 ## How it was trained
 
 1. tokenizers (BPE for the LLM, WordPiece for the Q-Former) on the world's text;
-2. the image encoder with dense per-patch ground truth, then frozen;
+2. the image encoder with dense per-patch ground truth and a per-object target (the mean of
+   each object's patch tokens names its shape, colour and size), then frozen;
 3. the LLM on the world's text, then frozen;
 4. Q-Former stage 1 (ITC + ITM + ITG on captions), stage 2 (LM loss through the frozen LLM);
 5. instruction tuning on the held-in datasets with sqrt-balanced sampling.
@@ -67,14 +66,32 @@ their task category). Accuracy in %, CIDEr x 100. Details: the project's README.
 """
 
 
+def kinds_sentence(results: dict) -> str:
+    """What the model gets right by question kind, from the evaluation's `by_kind` figures."""
+    from .world import COLOURS, SHAPES, SIZES
+
+    kinds = results.get("vqa_attributes", {}).get("by_kind", {})
+    chance = {"colour": len(COLOURS), "shape": len(SHAPES), "size": len(SIZES)}
+    parts = [f"its {k} in {kinds[k]['value'] * 100:.0f}% (chance {100 / n:.0f}%)" for k, n in chance.items() if k in kinds]
+    where = results.get("spatial", {}).get("by_kind", {}).get("where")
+    if where:
+        parts.append(f"its place in {where['value'] * 100:.0f}%")
+    if not parts:
+        return ""
+    listed = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+    return f"Asked about one object of a held-in test scene, it names {listed}."
+
+
 def write_model_card(folder: Path, work: Path) -> None:
     from instructblip_core.loading import load_pretrained
 
     model = load_pretrained(folder)
     params = sum(p.numel() for p in model.model.parameters()) / 1e6
     results = (work / "results.md").read_text(encoding="utf-8") if (work / "results.md").exists() else "(not evaluated)"
+    measured = json.loads((work / "results.json").read_text()) if (work / "results.json").exists() else {}
     (folder / "README.md").write_text(
-        CARD.format(params=params, vocab=len(model.processor.tokenizer), results=results), encoding="utf-8"
+        CARD.format(params=params, vocab=len(model.processor.tokenizer), results=results, kinds=kinds_sentence(measured)),
+        encoding="utf-8",
     )
     if (work / "results.json").exists():
         (folder / "results.json").write_text((work / "results.json").read_text())
