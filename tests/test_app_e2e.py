@@ -64,9 +64,9 @@ def test_three_turns_about_an_image_then_a_new_image(app_and_model):
     assert pictures(conversation) == [CIRCLE_AND_SQUARE.name, STARS.name]
     assert notices(conversation) == ["Note: New image"]  # the earlier turns are not used for the stars
     # Whether the answers are *right* for the picture is not asserted: the shipped nano model gets
-    # only some of these right (fifth build, as the fourth: the square's colour yes; the circle's
-    # colour, the object count and the star count no; third build: only the circle's colour;
-    # README, "The shipped small model"). Its accuracy on fresh samples is measured in
+    # only some of these right (sixth build: the square's colour and the object count yes, the
+    # circle's colour ("blue") and the star count ("2") no; fifth and fourth builds: only the
+    # square's colour; README, "The shipped small model"). Its accuracy on fresh samples is measured in
     # test_nano_model.py.
 
 

@@ -17,13 +17,14 @@ from instructblip_core import load_pretrained
 MODEL = Path(__file__).resolve().parent.parent / "assets" / "nano-instructblip"
 SAMPLES = 48
 # dataset -> minimum accuracy (0..1) on fresh samples; set from the measured results
-# Measured on 48 fresh samples each when the shipped model was built (fifth build):
-# vqa_attributes 0.521 (chance 1/6), counting 0.479 (most frequent answer 0.32), caption CIDEr-D
-# 1.528, vqa_compositional 0.333 (fourth build: 0.375, 0.521, 1.508, 0.375); yes_no is near
-# chance (0.59 on the test set), so it is not asserted. The model is still weak (README, "The
-# shipped small model"); these floors sit about 1.5 standard errors (0.07-0.1 at 48 samples)
-# below the measured values, above chance, and catch a broken build, loader or preprocessing.
-THRESHOLDS: dict[str, float] = {"vqa_attributes": 0.4, "counting": 0.37, "caption": 1.2, "vqa_compositional": 0.25}
+# Measured on 48 fresh samples each when the shipped model was built (sixth build):
+# vqa_attributes 0.667 (chance 1/6), counting 0.562 (most frequent answer 0.32), caption CIDEr-D
+# 2.248, vqa_compositional 0.417 (fifth build: 0.521, 0.479, 1.528, 0.333); yes_no is near
+# chance (0.57 on the test set), so it is not asserted. The model is still weak (README, "The
+# shipped small model"); these floors sit about 1.5 standard errors (0.07 at 48 samples) below
+# the measured values (caption: 80% of it), above chance, and catch a broken build, loader or
+# preprocessing.
+THRESHOLDS: dict[str, float] = {"vqa_attributes": 0.55, "counting": 0.45, "caption": 1.8, "vqa_compositional": 0.31}
 
 
 @pytest.fixture(scope="module")

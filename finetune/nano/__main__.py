@@ -49,7 +49,7 @@ class Budget:
     """Steps of each stage: full recipe (<= 45 min on 2 cores) or --quick (a smoke run)."""
 
     def __init__(self, quick: bool):
-        full = dict(vision=400, text=3000, stage1=250, stage2=300, instruct=1200)
+        full = dict(vision=3000, text=3000, stage1=250, stage2=300, instruct=1200)
         self.steps = {k: 4 for k in full} if quick else full
         self.quick = quick
 
@@ -206,6 +206,8 @@ CHAT_TEMPLATE = PromptTemplate(raw_first_turn=False, current="Question: {questio
 def set_chat_template(config_file: Path) -> None:
     config = json.loads(config_file.read_text())
     config[TEMPLATE_KEY] = CHAT_TEMPLATE.to_dict()
+    # A reused LLM stage loads from <work>/llm, a path of the build machine that means nothing to users.
+    config.get("text_config", {}).pop("_name_or_path", None)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
