@@ -19,7 +19,7 @@ STAGE_OUTPUTS = ["data/manifest.json", "tokenizers/llm/tokenizer.json", "tokeniz
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("nano")
-    result = subprocess.run([sys.executable, "-m", "finetune.nano", "--quick", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "finetune.nano", "--quick", "--out", str(out), "--seed", "3"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout
@@ -31,6 +31,8 @@ def test_every_stage_ran(quick_run):
         assert (out / name).exists(), name
     for stage in ("vision step", "text step", "stage1", "stage2", "instruct"):
         assert stage in log
+    for stage in ("stage1", "stage2", "instruct"):  # --seed reaches the training stages too
+        assert "seed: 3" in (out / f"{stage}.yaml").read_text().splitlines(), stage
 
 
 def test_result_loads_in_both_implementations_and_answers(quick_run):
@@ -86,7 +88,7 @@ def test_model_card_states_the_measured_accuracy_by_question_kind():
 
 def test_rerun_resumes_instead_of_starting_over(quick_run):
     out, _ = quick_run
-    result = subprocess.run([sys.executable, "-m", "finetune.nano", "--quick", "--out", str(out), "--until", "stage2"],
+    result = subprocess.run([sys.executable, "-m", "finetune.nano", "--quick", "--out", str(out), "--seed", "3", "--until", "stage2"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stage1: export exists" in result.stdout and "stage2: export exists" in result.stdout

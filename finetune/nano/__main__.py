@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     model = base
     for stage in STAGES:
-        model = run_stage(stage, model, work, manifest, budget.steps[stage], log, quick=args.quick)
+        model = run_stage(stage, model, work, manifest, budget.steps[stage], log, quick=args.quick, seed=args.seed)
         log(f"{stage} done ({time.perf_counter() - started:.0f} s so far)")
         if args.until == stage:
             return 0

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "nano")
     p.add_argument("--only", nargs="*", choices=VARIANTS, help="variants to (re)compute; default: all")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="the training seed (the recipe's --seed)")
     args = p.parse_args(argv)
     work = args.out
     log = log_to(work / "nano.log")
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             model = stage2
         else:
             model = run_stage("instruct", stage2, work, manifest, steps, log, quick=args.quick,
-                              folder=f"ablation_{variant}", **TRAINING[variant])
+                              folder=f"ablation_{variant}", seed=args.seed, **TRAINING[variant])
         results[variant] = evaluate_all(model, manifest, quick=args.quick, **EVALUATION.get(variant, {}))
         path.write_text(json.dumps(results, indent=1))
         log(f"ablation {variant}: {time.perf_counter() - started:.0f} s")
