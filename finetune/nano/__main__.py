@@ -191,7 +191,7 @@ def install(model: Path, work: Path) -> None:
     tmp = INSTALL_DIR.with_name(".tmp-nano")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(model, tmp)
-    set_chat_template(tmp / "config.json")
+    finish_config(tmp / "config.json")
     write_model_card(tmp, work)
     shutil.rmtree(INSTALL_DIR, ignore_errors=True)
     tmp.rename(INSTALL_DIR)
@@ -203,7 +203,8 @@ def install(model: Path, work: Path) -> None:
 CHAT_TEMPLATE = PromptTemplate(raw_first_turn=False, current="Question: {question} Short answer:")
 
 
-def set_chat_template(config_file: Path) -> None:
+def finish_config(config_file: Path) -> None:
+    """The shipped config: the chat template, and nothing about the machine that built it."""
     config = json.loads(config_file.read_text())
     config[TEMPLATE_KEY] = CHAT_TEMPLATE.to_dict()
     # A reused LLM stage loads from <work>/llm, a path of the build machine that means nothing to users.

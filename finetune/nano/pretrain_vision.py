@@ -8,9 +8,9 @@ patch tokens, so each must say what is at its place.
 
 Per-patch targets alone left shape unread: on object patches the shape head stayed at 29%
 (5 shapes), with 2000 steps 37% (an 8x8 patch mostly sees an edge or a flat fill, not the
-outline). So each object's
-patch tokens are also averaged and that mean must name the object's shape, colour and size:
-the gradient then asks the tokens of one object to agree on what the whole object is.
+outline). So each object's patch tokens are also averaged and that mean must name the
+object's shape, colour and size: the gradient then asks the tokens of one object to agree on
+what the whole object is.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from .world import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXTS, SceneObject
 # Per patch: index 0 = nothing (background) for every head.
 HEADS = {"shape": 1 + len(SHAPES), "colour": 1 + len(COLOURS), "size": 1 + len(SIZES), "text": 1 + len(TEXTS)}
 GLOBAL_HEADS = {"background": len(BACKGROUNDS), "count": 6}  # 0..5 objects
-# Per object (the mean of its patch tokens): no background class.
-OBJECT_HEADS = {"shape": len(SHAPES), "colour": len(COLOURS), "size": len(SIZES)}
+# Per object (the mean of its patch tokens): the classes, no background class.
+OBJECT_CLASSES = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES)}
+OBJECT_HEADS = {name: len(values) for name, values in OBJECT_CLASSES.items()}
 COVERED = 0.25  # a patch belongs to an object when the object covers this share of it
 
 
@@ -70,16 +71,15 @@ def object_targets(scenes: list[dict], image_size: int, patch: int) -> dict[str,
     """Every object of every scene that covers at least one patch, as K rows:
     image (K,) its scene's index; weights (K, G*G) 1/n on its n patches, else 0 (so a row
     times the patch tokens is their mean); one (K,) class index per OBJECT_HEADS name."""
-    image, weights, classes = [], [], {name: [] for name in OBJECT_HEADS}
-    values = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES)}
+    image, weights, classes = [], [], {name: [] for name in OBJECT_CLASSES}
     for i, scene in enumerate(scenes):
         for o, hit in _object_patches(scene, image_size, patch):
             if not hit.any():  # too small for the grid: no token is about it
                 continue
             image.append(i)
             weights.append((hit.reshape(-1) / hit.sum()).astype(np.float32))
-            for name in OBJECT_HEADS:
-                classes[name].append(values[name].index(o[name]))
+            for name, values in OBJECT_CLASSES.items():
+                classes[name].append(values.index(o[name]))
     grid = image_size // patch
     rows = {"image": torch.tensor(image, dtype=torch.long),
             "weights": torch.from_numpy(np.stack(weights)) if weights else torch.zeros(0, grid * grid)}
