@@ -114,14 +114,14 @@ def spatial_qa(scene: Scene, rng: random.Random) -> QA | None:
     """"Where is the circle?" -> "top left"; "what is to the left of the red circle?" -> "blue square";
     "is the circle to the left or to the right of the square?" -> "left". Referents never use the place."""
     return first_possible(rng, {
-        "where": lambda: _where(scene, rng),
+        "where": lambda: where_qa(scene, rng),
         "neighbour": lambda: _neighbour(scene, rng),
         "left_right": lambda: _compare(scene, rng, "col", ("left", "right"), "to the left or to the right of"),
         "above_below": lambda: _compare(scene, rng, "row", ("above", "below"), "above or below"),
     })
 
 
-def _where(scene: Scene, rng: random.Random) -> QA | None:
+def where_qa(scene: Scene, rng: random.Random) -> QA | None:
     picked = _pick(rng, [(o, r) for o in scene.objects if (r := refer(scene, o, avoid={"place"}))])
     if picked is None:
         return None
@@ -281,7 +281,7 @@ def multiple_choice_qa(scene: Scene, rng: random.Random, n_options: int = 4) -> 
         "colour": lambda: attribute_qa(scene, rng, "colour"),
         "shape": lambda: attribute_qa(scene, rng, "shape"),
         "count": lambda: counting_qa(scene, rng),
-        "where": lambda: _where(scene, rng),
+        "where": lambda: where_qa(scene, rng),
         "neighbour": lambda: _neighbour(scene, rng),
     })
     if base is None:

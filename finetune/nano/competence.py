@@ -1,0 +1,97 @@
+"""What a nano model answers right in chat, by question kind and number of objects in the scene.
+
+    python -m finetune.nano.competence [MODEL] [--scenes 60] [--objects 1 2 3 4]
+
+The evaluation (evaluate.py) scores each dataset as a whole; this asks the questions a user
+of the app asks, through the app's route (`ChatSession`: the model's chat template, greedy),
+on fresh scenes of exactly n objects, so the table shows where the model can be trusted and
+where it cannot. Scenes come from their own seed stream ("competence/n/i"), which no training,
+test or fresh set draws from; they have no text on them (reading is scored by the evaluation).
+Each question is about one object, named as the datasets name it ("the small square", "the
+star at the top left"), and is scored by VQA accuracy against its one right answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from instructblip_core import ChatSession, load_pretrained
+from instructblip_core.metrics import vqa_accuracy
+from instructblip_core.pipeline import InstructBlip
+
+from .phrases import PLURALS
+from .render import render_scene
+from .tasks import QA, attribute_qa, where_qa
+from .world import Scene, SceneStats, make_scene
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = REPO / "assets" / "nano-instructblip"
+DISPLAY_SIZE = 192  # what a user uploads: the examples' size, three times the model's input
+
+
+def count_all_qa(scene: Scene, rng: random.Random) -> QA:
+    return QA("How many objects are there?", str(scene.count()), "count_all")
+
+
+def count_shape_qa(scene: Scene, rng: random.Random) -> QA:
+    shape = rng.choice(scene.objects).shape  # one that is there: "none" is not the question here
+    return QA(f"How many {PLURALS[shape]} are there?", str(scene.count(shape=shape)), "count_shape")
+
+
+# kind -> question maker (None when the scene cannot support the question)
+QUESTIONS: dict[str, Callable[[Scene, random.Random], QA | None]] = {
+    "colour": lambda scene, rng: attribute_qa(scene, rng, "colour"),
+    "shape": lambda scene, rng: attribute_qa(scene, rng, "shape"),
+    "size": lambda scene, rng: attribute_qa(scene, rng, "size"),
+    "where": where_qa,
+    "count_all": count_all_qa,
+    "count_shape": count_shape_qa,
+}
+
+
+def competence(model: InstructBlip, *, scenes: int, objects: Sequence[int] = (1, 2, 3, 4),
+               max_new_tokens: int = 8) -> dict[str, dict[int, list[float]]]:
+    """kind -> number of objects -> one score (0..1) per question asked."""
+    scores: dict[str, dict[int, list[float]]] = {kind: {n: [] for n in objects} for kind in QUESTIONS}
+    for n in objects:
+        stats = SceneStats(min_objects=n, max_objects=n, backdrops=("plain",), text_probability=0.0)
+        for i in range(scenes):
+            scene = make_scene(f"competence/{n}/{i}", stats)
+            image = render_scene(scene, DISPLAY_SIZE)
+            rng = random.Random(f"competence/{n}/{i}/questions")
+            for kind, make in QUESTIONS.items():
+                qa = make(scene, rng)
+                if qa is None:
+                    continue
+                answer = ChatSession(model).ask(qa.question, image, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+                scores[kind][n].append(vqa_accuracy(answer, [qa.answer]))
+    return scores
+
+
+def table(scores: dict[str, dict[int, list[float]]]) -> str:
+    """Markdown: a row per kind, a column per number of objects, cells "accuracy% (questions)"."""
+    objects = sorted(next(iter(scores.values())))
+    lines = ["| question | " + " | ".join(f"{n} object{'s' * (n > 1)}" for n in objects) + " |",
+             "|---|" + "---|" * len(objects)]
+    for kind, by_n in scores.items():
+        cells = [f"{100 * sum(v) / len(v):.0f}% ({len(v)})" if v else "-" for v in (by_n[n] for n in objects)]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m finetune.nano.competence", description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL, help="model folder (default: the shipped one)")
+    p.add_argument("--scenes", type=int, default=60, help="scenes per number of objects")
+    p.add_argument("--objects", type=int, nargs="+", default=[1, 2, 3, 4], help="numbers of objects")
+    args = p.parse_args(argv)
+    print(table(competence(load_pretrained(args.model), scenes=args.scenes, objects=args.objects)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
