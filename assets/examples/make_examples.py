@@ -35,19 +35,20 @@ def scene(background: str, *objects: tuple) -> Scene:
     return Scene(background, "plain", placed)
 
 
+# What the shipped model answers reliably (python -m finetune.nano.competence; README, "The
+# shipped small model"): colour and size of the object in a one-object scene, and how many
+# objects a scene holds. Questions about one object among several it answers near chance, so
+# the gallery does not pretend otherwise; the app's end-to-end test checks every answer here.
 EXAMPLES = [  # file, background, objects (shape, colour, size, row, col[, text]), question, right answers
+    ("red_circle.png", "white", [("circle", "red", "large", 1, 1)], "What colour is the circle?", ["red"]),
     ("red_circle_blue_square.png", "white",
-     [("circle", "red", "large", 1, 0), ("square", "blue", "large", 1, 2)], "What colour is the circle?", ["red"]),
+     [("circle", "red", "large", 1, 0), ("square", "blue", "large", 1, 2)], "How many objects are there?", ["2", "two"]),
     ("three_yellow_stars.png", "grey",
      [("star", "yellow", "large", 0, 0), ("star", "yellow", "small", 0, 2), ("star", "yellow", "large", 2, 1)],
-     "How many stars are there?", ["3", "three"]),
-    ("green_triangle_orange_diamond.png", "beige",
-     [("triangle", "green", "large", 1, 0), ("diamond", "orange", "large", 1, 2)], "Where is the triangle?", ["left"]),
-    ("large_purple_square.png", "white",
-     [("square", "purple", "large", 1, 1), ("circle", "orange", "small", 2, 2)], "What size is the square?", ["large"]),
-    ("word_hi.png", "beige", [("square", "blue", "large", 1, 1, "HI")], "What is written on the square?", ["hi"]),
-    ("two_blue_circles.png", "black",
-     [("circle", "blue", "large", 0, 0), ("circle", "blue", "small", 2, 2)], "How many circles are there?", ["2", "two"]),
+     "How many objects are there?", ["3", "three"]),
+    ("large_purple_square.png", "white", [("square", "purple", "large", 1, 1)], "What size is the square?", ["large"]),
+    ("small_blue_star.png", "black", [("star", "blue", "small", 2, 0)], "What colour is the star?", ["blue"]),
+    ("green_triangle.png", "beige", [("triangle", "green", "small", 0, 2)], "What size is the triangle?", ["small"]),
 ]
 
 
