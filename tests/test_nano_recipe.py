@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import InstructBlipForConditionalGeneration
 
+from finetune.nano.competence import LABELS
 from instructblip_core import load_pretrained
 
 STAGE_OUTPUTS = ["data/manifest.json", "tokenizers/llm/tokenizer.json", "tokenizers/qformer/tokenizer.json",
@@ -33,6 +34,9 @@ def test_every_stage_ran(quick_run):
         assert stage in log
     for stage in ("stage1", "stage2", "instruct"):  # --seed reaches the training stages too
         assert "seed: 3" in (out / f"{stage}.yaml").read_text().splitlines(), stage
+    chat = (out / "competence.md").read_text().splitlines()  # the model card's chat table
+    assert chat[0] == "| question | 1 object | 2 objects | 3 objects | 4 objects | 5 objects |"
+    assert [row.split(" | ")[0].removeprefix("| ") for row in chat[2:]] == list(LABELS.values())
 
 
 def test_result_loads_in_both_implementations_and_answers(quick_run):

@@ -29,11 +29,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from instructblip_core import load_pretrained
 from instructblip_core.data import InstructionDataset, load_records
 from instructblip_core.images import load_image
 from instructblip_core.prompts import TEMPLATE_KEY, PromptTemplate
 
 from . import build_model
+from .competence import COMPETENCE_OBJECTS, competence, table
 from .evaluate import evaluate_all, write_results
 from .pretrain_text import pretrain_text
 from .pretrain_vision import pretrain_vision
@@ -178,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     results = evaluate_all(model, manifest, quick=args.quick)
     write_results(results, work, title="Full InstructBLIP (nano)")
-    log(f"evaluation written to {work / 'results.md'}; total {time.perf_counter() - started:.0f} s")
+    # What chat users can rely on, for the model card: the app's route on fresh scenes.
+    chat = competence(as_installed(model), scenes=2 if args.quick else 60, objects=COMPETENCE_OBJECTS)
+    (work / "competence.md").write_text(table(chat) + "\n", encoding="utf-8")
+    log(f"evaluation written to {work / 'results.md'} and {work / 'competence.md'}; total {time.perf_counter() - started:.0f} s")
     if args.install:
         install(model, work)
         log(f"installed at {INSTALL_DIR}")
@@ -201,6 +206,13 @@ def install(model: Path, work: Path) -> None:
 # chat questions in one of its short-answer templates: on 400 fresh chat questions (fourth
 # build) this template got 187 right, "Question: {q} Answer:" 169 and the bare question 97.
 CHAT_TEMPLATE = PromptTemplate(raw_first_turn=False, current="Question: {question} Short answer:")
+
+
+def as_installed(model: Path):
+    """The model loaded as users will chat with it: with the chat template that `install` writes."""
+    loaded = load_pretrained(model)
+    loaded.config.extra[TEMPLATE_KEY] = CHAT_TEMPLATE.to_dict()
+    return loaded
 
 
 def finish_config(config_file: Path) -> None:

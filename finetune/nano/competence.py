@@ -1,6 +1,6 @@
 """What a nano model answers right in chat, by question kind and number of objects in the scene.
 
-    python -m finetune.nano.competence [MODEL] [--scenes 60] [--objects 1 2 3 4]
+    python -m finetune.nano.competence [MODEL] [--scenes 60] [--objects 1 2 3 4 5]
 
 The evaluation (evaluate.py) scores each dataset as a whole; this asks the questions a user
 of the app asks, through the app's route (`ChatSession`: the model's chat template, greedy),
@@ -31,6 +31,7 @@ from .world import Scene, SceneStats, make_scene
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "assets" / "nano-instructblip"
 DISPLAY_SIZE = 192  # what a user uploads: the examples' size, three times the model's input
+COMPETENCE_OBJECTS = (1, 2, 3, 4, 5)  # the held-in scenes' range
 
 
 def count_all_qa(scene: Scene, rng: random.Random) -> QA:
@@ -53,7 +54,14 @@ QUESTIONS: dict[str, Callable[[Scene, random.Random], QA | None]] = {
 }
 
 
-def competence(model: InstructBlip, *, scenes: int, objects: Sequence[int] = (1, 2, 3, 4),
+# kind -> the question as the table's rows show it
+LABELS = {
+    "colour": "What colour is the X?", "shape": "What shape is the X?", "size": "What size is the X?",
+    "where": "Where is the X?", "count_all": "How many objects are there?", "count_shape": "How many Xs are there?",
+}
+
+
+def competence(model: InstructBlip, *, scenes: int, objects: Sequence[int] = COMPETENCE_OBJECTS,
                max_new_tokens: int = 8) -> dict[str, dict[int, list[float]]]:
     """kind -> number of objects -> one score (0..1) per question asked."""
     scores: dict[str, dict[int, list[float]]] = {kind: {n: [] for n in objects} for kind in QUESTIONS}
@@ -73,13 +81,13 @@ def competence(model: InstructBlip, *, scenes: int, objects: Sequence[int] = (1,
 
 
 def table(scores: dict[str, dict[int, list[float]]]) -> str:
-    """Markdown: a row per kind, a column per number of objects, cells "accuracy% (questions)"."""
+    """Markdown: a row per kind of question, a column per number of objects, cells "accuracy% (questions)"."""
     objects = sorted(next(iter(scores.values())))
     lines = ["| question | " + " | ".join(f"{n} object{'s' * (n > 1)}" for n in objects) + " |",
              "|---|" + "---|" * len(objects)]
     for kind, by_n in scores.items():
         cells = [f"{100 * sum(v) / len(v):.0f}% ({len(v)})" if v else "-" for v in (by_n[n] for n in objects)]
-        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS[kind]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m finetune.nano.competence", description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL, help="model folder (default: the shipped one)")
     p.add_argument("--scenes", type=int, default=60, help="scenes per number of objects")
-    p.add_argument("--objects", type=int, nargs="+", default=[1, 2, 3, 4], help="numbers of objects")
+    p.add_argument("--objects", type=int, nargs="+", default=list(COMPETENCE_OBJECTS), help="numbers of objects")
     args = p.parse_args(argv)
     print(table(competence(load_pretrained(args.model), scenes=args.scenes, objects=args.objects)))
     return 0

@@ -33,6 +33,17 @@ does is in the table below.
 {kinds}
 Treat it as a working demonstration of the pipeline, not as a capable model.
 
+## What to ask it in chat
+
+Right answers through the app's route (the chat template, greedy) on fresh scenes with 1-5
+objects and no text, the number of questions in brackets (`python -m finetune.nano.competence`).
+Each question is about one object, named as the training questions name it ("the small square"):
+
+{competence}
+
+Trust it where a row is near 100%; the app's examples gallery asks only such questions.
+Elsewhere it often answers with another object's colour or shape, or a likely count.
+
 ## What it does not know
 
 Anything else. **Real photos need a real checkpoint** (`--model Salesforce/instructblip-vicuna-7b`
@@ -89,8 +100,10 @@ def write_model_card(folder: Path, work: Path) -> None:
     params = sum(p.numel() for p in model.model.parameters()) / 1e6
     results = (work / "results.md").read_text(encoding="utf-8") if (work / "results.md").exists() else "(not evaluated)"
     measured = json.loads((work / "results.json").read_text()) if (work / "results.json").exists() else {}
+    chat = (work / "competence.md").read_text(encoding="utf-8").strip() if (work / "competence.md").exists() else "(not measured)"
     (folder / "README.md").write_text(
-        CARD.format(params=params, vocab=len(model.processor.tokenizer), results=results, kinds=kinds_sentence(measured)),
+        CARD.format(params=params, vocab=len(model.processor.tokenizer), results=results, kinds=kinds_sentence(measured),
+                    competence=chat),
         encoding="utf-8",
     )
     if (work / "results.json").exists():
