@@ -24,9 +24,8 @@ CIRCLE = EXAMPLES / "red_circle.png"  # one large red circle
 CIRCLE_AND_SQUARE = EXAMPLES / "red_circle_blue_square.png"
 STARS = EXAMPLES / "three_yellow_stars.png"
 # (question, image or None for the sticky one, words of which one is right). The shipped model
-# answers colour, size and the number of objects of one-object scenes (and counts objects in
-# busier ones) about every time; about one object among several it is near chance, so the test
-# does not ask that of it.
+# answers the colour and size of a lone object, and counts one to three objects, about every
+# time; about one object among several it is near chance, so the test does not ask that of it.
 CONVERSATION = [
     ("What colour is the circle?", CIRCLE, ["red"]),
     ("What size is the circle?", None, ["large"]),
