@@ -7,3 +7,8 @@ tasks.py    question/answer generators per task category, and record builders
 splits.py   held-in / held-out datasets (build_splits), the seed scheme, text_corpus
 write.py    PNG + JSONL writing
 """
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL_DIR = REPO / "assets" / "nano-instructblip"  # the shipped model: the recipe's --install, the default elsewhere

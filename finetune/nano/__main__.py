@@ -34,7 +34,7 @@ from instructblip_core.data import InstructionDataset, load_records
 from instructblip_core.images import load_image
 from instructblip_core.prompts import TEMPLATE_KEY, PromptTemplate
 
-from . import build_model
+from . import INSTALL_DIR, REPO, build_model
 from .competence import COMPETENCE_OBJECTS, competence, table
 from .evaluate import evaluate_all, write_results
 from .pretrain_text import pretrain_text
@@ -42,9 +42,6 @@ from .pretrain_vision import pretrain_vision
 from .splits import QUICK_SIZES, build_splits, load_manifest
 from .stages import STAGES, run_stage
 from .tokenizers import train_llm_tokenizer, train_qformer_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
-INSTALL_DIR = REPO / "assets" / "nano-instructblip"
 
 
 class Budget:

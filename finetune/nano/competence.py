@@ -23,13 +23,12 @@ from instructblip_core import ChatSession, load_pretrained
 from instructblip_core.metrics import vqa_accuracy
 from instructblip_core.pipeline import InstructBlip
 
+from . import INSTALL_DIR
 from .phrases import PLURALS
 from .render import render_scene
 from .tasks import QA, attribute_qa, where_qa
 from .world import Scene, SceneStats, make_scene
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO / "assets" / "nano-instructblip"
 DISPLAY_SIZE = 192  # what a user uploads: the examples' size, three times the model's input
 COMPETENCE_OBJECTS = (1, 2, 3, 4, 5)  # the held-in scenes' range
 
@@ -93,7 +92,7 @@ def table(scores: dict[str, dict[int, list[float]]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m finetune.nano.competence", description=__doc__.splitlines()[0])
-    p.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL, help="model folder (default: the shipped one)")
+    p.add_argument("model", nargs="?", type=Path, default=INSTALL_DIR, help="model folder (default: the shipped one)")
     p.add_argument("--scenes", type=int, default=60, help="scenes per number of objects")
     p.add_argument("--objects", type=int, nargs="+", default=list(COMPETENCE_OBJECTS), help="numbers of objects")
     args = p.parse_args(argv)
