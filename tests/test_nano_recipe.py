@@ -12,6 +12,8 @@ from transformers import InstructBlipForConditionalGeneration
 from finetune.nano.competence import LABELS
 from instructblip_core import load_pretrained
 
+# the held-in sets with one short right answer, in the manifest's order
+CEILING_SETS = ("vqa_attributes", "counting", "spatial", "ocr", "yes_no")
 STAGE_OUTPUTS = ["data/manifest.json", "tokenizers/llm/tokenizer.json", "tokenizers/qformer/tokenizer.json",
                  "vision.safetensors", "llm/config.json", "base/config.json", "stage1/export/config.json",
                  "stage2/export/config.json", "instruct/export/config.json", "results.json", "results.md"]
@@ -37,6 +39,9 @@ def test_every_stage_ran(quick_run):
     chat = (out / "competence.md").read_text().splitlines()  # the model card's chat table
     assert chat[0] == "| question | 1 object | 2 objects | 3 objects | 4 objects | 5 objects |"
     assert [row.split(" | ")[0].removeprefix("| ") for row in chat[2:]] == list(LABELS.values())
+    told = (out / "ceiling.md").read_text().splitlines()  # the model card's LLM ceiling table
+    assert told[0].startswith("| test set | model (image) | LLM told the caption | ")
+    assert [row.split(" | ")[0].removeprefix("| ") for row in told[2:]] == list(CEILING_SETS)
 
 
 def test_result_loads_in_both_implementations_and_answers(quick_run):

@@ -20,6 +20,8 @@ from instructblip_core.metrics import vqa_accuracy
 from .splits import HELD_IN
 from .world import SHAPES
 
+EVAL_PROMPT_SEED = 1234  # which template each test record is asked with: the same in every evaluation
+
 
 def evaluate_all(
     model_folder: Path,
@@ -42,7 +44,7 @@ def evaluate_all(
                 record.options = list(SHAPES)
         style = held_in_style if entry.split == HELD_IN else "instruction"
         dataset = InstructionDataset(records, name=entry.name, task=entry.task, prompt_style=style,
-                                     image_transform=transform, seed=1234, qformer_instruction=qformer_instruction)
+                                     image_transform=transform, seed=EVAL_PROMPT_SEED, qformer_instruction=qformer_instruction)
         eval_set = EvalSet(entry.name, dataset, max_examples=4 if quick else max_examples)
         evaluator = Evaluator(blip.processor, [eval_set], batch_size=32,
                               generation=GenerationOptions(max_new_tokens=40, min_new_tokens=1))

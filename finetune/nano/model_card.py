@@ -44,6 +44,17 @@ Each question is about one object, named as the training questions name it ("the
 Trust it where a row is near 100%; the app's examples gallery asks only such questions.
 Elsewhere it often answers with another object's colour or shape, or a likely count.
 
+## Why it is no better: its LLM
+
+The frozen LLM is the ceiling. Per held-in test set, the first column is the model, which
+sees the picture; the others are its LLM alone when told the scene's caption instead, in all
+and by number of objects in the scene (`python -m finetune.nano.ceiling`). With one object it
+answers from the caption almost always; with several it often gives another object's colour
+or shape although the right one is written in front of it. No soft prompt can tell it more
+than the caption does.
+
+{ceiling}
+
 ## What it does not know
 
 Anything else. **Real photos need a real checkpoint** (`--model Salesforce/instructblip-vicuna-7b`
@@ -101,9 +112,10 @@ def write_model_card(folder: Path, work: Path) -> None:
     results = (work / "results.md").read_text(encoding="utf-8") if (work / "results.md").exists() else "(not evaluated)"
     measured = json.loads((work / "results.json").read_text()) if (work / "results.json").exists() else {}
     chat = (work / "competence.md").read_text(encoding="utf-8").strip() if (work / "competence.md").exists() else "(not measured)"
+    told = (work / "ceiling.md").read_text(encoding="utf-8").strip() if (work / "ceiling.md").exists() else "(not measured)"
     (folder / "README.md").write_text(
         CARD.format(params=params, vocab=len(model.processor.tokenizer), results=results, kinds=kinds_sentence(measured),
-                    competence=chat),
+                    competence=chat, ceiling=told),
         encoding="utf-8",
     )
     if (work / "results.json").exists():
