@@ -290,11 +290,15 @@ def test_vision_pretraining_reports_accuracy_on_object_patches_apart_from_backgr
 
 def test_vision_pretraining_object_targets_average_each_objects_own_patches():
     """The per-object target reads the mean of exactly the patches the patch targets give that
-    object, and names that object's shape, colour and size; a batch keeps only its own objects."""
+    object, and names that object's shape, colour, size and place; a batch keeps only its own objects."""
     import torch
     import torch.nn.functional as F
 
-    from finetune.nano.pretrain_vision import OBJECT_HEADS, PretrainHeads, object_targets, objects_in, patch_targets
+    from finetune.nano.pretrain_vision import (
+        OBJECT_CLASSES, OBJECT_HEADS, PretrainHeads, object_targets, objects_in, patch_targets,
+    )
+
+    PLACE_NAMES = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
     from finetune.nano.splits import scene_facts
 
     facts = [scene_facts(s) for s in scenes(12, CLUTTERED, "objtarget")]
@@ -312,6 +316,9 @@ def test_vision_pretraining_object_targets_average_each_objects_own_patches():
         shapes = patch_targets(scene, 64, 8)["shape"].reshape(-1)
         for k, o in zip(mine, seen):
             assert SHAPES[rows["shape"][k]] == o["shape"] and list(COLOURS)[rows["colour"][k]] == o["colour"]
+            # the place: the 3 x 3 cell of the object's centre, read in rows from the top left
+            row, col = min(int(o["y"] * 3), 2), min(int(o["x"] * 3), 2)
+            assert OBJECT_CLASSES["place"][rows["place"][k]] == PLACE_NAMES[3 * row + col]
             on = rows["weights"][k] > 0
             # patch targets paint objects in order, so a later object may own a shared patch
             assert (shapes[on.numpy()] > 0).all()

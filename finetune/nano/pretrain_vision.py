@@ -9,8 +9,13 @@ patch tokens, so each must say what is at its place.
 Per-patch targets alone left shape unread: on object patches the shape head stayed at 29%
 (5 shapes), with 2000 steps 37% (an 8x8 patch mostly sees an edge or a flat fill, not the
 outline). So each object's patch tokens are also averaged and that mean must name the
-object's shape, colour and size: the gradient then asks the tokens of one object to agree on
-what the whole object is.
+object's shape, colour, size and place (its cell of the 3 x 3 grid): the gradient then asks
+the tokens of one object to agree on what the whole object is and where it is.
+
+The place joined the target in the seventh build. Without it the object mean said the place
+in 78% (linear probe, 9 cells), and the model answered "Where is the X?" about a lone object
+in 10% of fresh scenes, mostly "bottom left"; with it, 40%. Shape read from object patches
+went from 77.8% to 93.3% in the same 3000 steps.
 """
 
 from __future__ import annotations
@@ -29,13 +34,13 @@ from instructblip_core.vision import VisionModel
 
 from .pretrain_steps import PretrainOptimizer
 from .render import object_mask
-from .world import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXTS, SceneObject
+from .world import BACKGROUNDS, COLOURS, PLACES, SHAPES, SIZES, TEXTS, SceneObject
 
 # Per patch: index 0 = nothing (background) for every head.
 HEADS = {"shape": 1 + len(SHAPES), "colour": 1 + len(COLOURS), "size": 1 + len(SIZES), "text": 1 + len(TEXTS)}
 GLOBAL_HEADS = {"background": len(BACKGROUNDS), "count": 6}  # 0..5 objects
 # Per object (the mean of its patch tokens): the classes, no background class.
-OBJECT_CLASSES = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES)}
+OBJECT_CLASSES = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES), "place": list(PLACES.values())}
 OBJECT_HEADS = {name: len(values) for name, values in OBJECT_CLASSES.items()}
 COVERED = 0.25  # a patch belongs to an object when the object covers this share of it
 
@@ -45,13 +50,13 @@ def _index(values, value) -> int:
 
 
 def _object_patches(scene: dict, image_size: int, patch: int):
-    """Yields (object JSON, (G, G) bool: the patches it covers by at least COVERED), in scene order."""
+    """Yields (SceneObject, (G, G) bool: the patches it covers by at least COVERED), in scene order."""
     grid = image_size // patch
     for ident, o in enumerate(scene["objects"]):
         obj = SceneObject(o["shape"], o["colour"], o["size"], o["x"], o["y"], o["text"], ident)
         mask = object_mask(obj, image_size).astype(np.float32)  # (S, S)
         cover = mask.reshape(grid, patch, grid, patch).mean(axis=(1, 3))  # (G, G) covered share
-        yield o, cover >= COVERED
+        yield obj, cover >= COVERED
 
 
 def patch_targets(scene: dict, image_size: int, patch: int) -> dict[str, np.ndarray]:
@@ -59,11 +64,11 @@ def patch_targets(scene: dict, image_size: int, patch: int) -> dict[str, np.ndar
     grid = image_size // patch
     targets = {name: np.zeros((grid, grid), dtype=np.int64) for name in HEADS}
     for o, hit in _object_patches(scene, image_size, patch):
-        targets["shape"][hit] = _index(SHAPES, o["shape"])
-        targets["colour"][hit] = _index(COLOURS, o["colour"])
-        targets["size"][hit] = _index(SIZES, o["size"])
-        if o["text"]:
-            targets["text"][hit] = _index(TEXTS, o["text"])
+        targets["shape"][hit] = _index(SHAPES, o.shape)
+        targets["colour"][hit] = _index(COLOURS, o.colour)
+        targets["size"][hit] = _index(SIZES, o.size)
+        if o.text:
+            targets["text"][hit] = _index(TEXTS, o.text)
     return targets
 
 
@@ -79,7 +84,7 @@ def object_targets(scenes: list[dict], image_size: int, patch: int) -> dict[str,
             image.append(i)
             weights.append((hit.reshape(-1) / hit.sum()).astype(np.float32))
             for name, values in OBJECT_CLASSES.items():
-                classes[name].append(values.index(o[name]))
+                classes[name].append(values.index(getattr(o, name)))
     grid = image_size // patch
     rows = {"image": torch.tensor(image, dtype=torch.long),
             "weights": torch.from_numpy(np.stack(weights)) if weights else torch.zeros(0, grid * grid)}
