@@ -46,12 +46,15 @@ Elsewhere it often answers with another object's colour or shape, or a likely co
 
 ## Why it is no better: its LLM
 
-The frozen LLM is the ceiling. Per held-in test set, the first column is the model, which
-sees the picture; the others are its LLM alone when told the scene's caption instead, in all
-and by number of objects in the scene (`python -m finetune.nano.ceiling`). With one object it
-answers from the caption almost always; with several it often gives another object's colour
-or shape although the right one is written in front of it. No soft prompt can tell it more
-than the caption does.
+Its frozen LLM is the limit. Per held-in test set, the first column is the model, which sees
+the picture; the others are its LLM alone when told the scene's caption instead, in all and
+by number of objects in the scene (`python -m finetune.nano.ceiling`). Told about one object,
+the LLM answers attribute, count and place questions right every time; told about several, it
+often gives another object's colour or shape although the right one is written in front of
+it, and it copies written words and checks yes/no statements hardly better than the model
+does from the picture. A soft prompt that describes the whole scene can do no better than
+the caption; one that carried only the object the question names could, which is what the
+instruction-aware Q-Former is for, and what it does not yet learn to do here.
 
 {ceiling}
 
@@ -74,7 +77,7 @@ confuse it.
 
 1. tokenizers (BPE for the LLM, WordPiece for the Q-Former) on the world's text;
 2. the image encoder with dense per-patch ground truth and a per-object target (the mean of
-   each object's patch tokens names its shape, colour and size), then frozen;
+   each object's patch tokens names its shape, colour, size and place), then frozen;
 3. the LLM on the world's text, then frozen;
 4. Q-Former stage 1 (ITC + ITM + ITG on captions), stage 2 (LM loss through the frozen LLM);
 5. instruction tuning on the held-in datasets with sqrt-balanced sampling.
