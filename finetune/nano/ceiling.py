@@ -1,14 +1,15 @@
-"""How well the frozen LLM answers when it is told the scene in words: the soft prompt's ceiling.
+"""How well the frozen LLM answers when told the scene in words, with no picture.
 
     python -m finetune.nano.ceiling [MODEL] [--data runs/nano/data] [--max-examples 300]
 
-The LLM stays frozen through every Q-Former stage, so whatever the soft prompt tells it, it can
-answer no better than it answers from the best description there is: the scene's own caption
-(every object's size, colour, shape, text and place). This puts that caption in front of each
-held-in test question, worded exactly as the evaluation words it, and lets the model's own LLM
-answer greedily, with no image. A test set scored near its ceiling is limited by the LLM's
-reading, not by the image encoder or the Q-Former.
-"""
+The LLM stays frozen through every Q-Former stage. A soft prompt that tells it about the
+whole scene can get no more out of it than the best description there is: the scene's own
+caption (every object's size, colour, shape, text and place). This puts that caption in
+front of each held-in test question, worded exactly as the evaluation words it, and lets
+the model's own LLM answer greedily, with no image. A test set scored near its ceiling is
+limited by the LLM's reading, not by the image encoder; only a soft prompt that passes on
+less (the object the question names, as the instruction-aware Q-Former is meant to) can
+go past it, and the by-number-of-objects columns show how far (one object: the LLM reads it)."""
 
 from __future__ import annotations
 
