@@ -88,7 +88,7 @@ def test_answers_are_cut_where_the_llm_goes_on_to_the_next_question():
 # (README): a lone object's attributes 100%, 2-5 objects 43-66%. A broken prompt, scene redraw or
 # answer cut would show first on one object.
 def test_the_frozen_llm_answers_about_a_lone_object_from_its_caption(fresh):
-    held_in = fresh.__class__(fresh.root, 0, 64, [e for e in fresh.entries if e.name == "vqa_attributes"])
+    held_in = Manifest(fresh.root, 0, 64, [e for e in fresh.entries if e.name == "vqa_attributes"])
     results = ceiling(load_pretrained(MODEL), held_in)
     attributes = results["vqa_attributes"]
     print(results)
