@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-STAGES = ("instruct", "stage2", "stage1")
+STAGES = ("instruct", "stage2", "stage1", "grounding")
 
 
 class ConfigError(ValueError):
@@ -57,11 +57,12 @@ class TrainConfig:
     model: str  # base checkpoint: a folder in Hugging Face layout or a hub id (Salesforce/instructblip-vicuna-7b)
     train_data: list[DataConfig]  # one or more datasets, mixed by `sampling`
     output_dir: str = "runs/finetune"  # checkpoints/, metrics.jsonl, tensorboard/, export/
-    stage: Literal["instruct", "stage2", "stage1"] = "instruct"  # instruct: InstructBLIP instruction tuning; stage2: BLIP-2 LM loss, no instruction in the Q-Former; stage1: Q-Former ITC+ITM+ITG on frozen image features
+    stage: Literal["instruct", "stage2", "stage1", "grounding"] = "instruct"  # instruct: InstructBLIP instruction tuning; stage2: BLIP-2 LM loss, no instruction in the Q-Former; stage1: Q-Former ITC+ITM+ITG on frozen image features; grounding: the Q-Former's cross-attention toward records' "regions" (no LLM pass)
     eval_data: list[EvalDataConfig] = field(default_factory=list)  # evaluated every eval_every steps and at the end
 
     # ---- data ----------------------------------------------------------------------------------
     sampling: Literal["sqrt", "proportional"] = "sqrt"  # dataset d drawn with p ~ sqrt(size_d) (InstructBLIP) or ~ size_d
+    grounding_weight: float = 0.0  # instruct: add this x the grounding loss on records with "regions" (0: LM loss only)
     qformer_instruction: bool = True  # false: the Q-Former never reads the instruction (BLIP-2-style features; recorded in the export)
     prompt_style: Literal["auto", "instruction", "task_tag", "none"] = "auto"  # auto: instruction templates (instruct), raw text (stage2, stage1)
     max_answer_tokens: int = 256  # longer answers are an error naming file:line (or skipped with skip_bad)
@@ -130,6 +131,15 @@ class TrainConfig:
             (self.qformer_dropout is None or 0 <= self.qformer_dropout < 1, "qformer_dropout", "must be in [0, 1)"),
             (bool(self.train_data), "train_data", "needs at least one dataset"),
             (not (self.stage == "stage1" and self.lora), "lora", "stage1 trains the Q-Former only (no LLM)"),
+            (self.grounding_weight >= 0, "grounding_weight", "must be >= 0"),
+            (self.grounding_weight == 0 or self.stage == "instruct", "grounding_weight",
+             "is an instruct-stage option (the grounding stage trains on that loss alone)"),
+            (not (self.grounds and self.augment), "augment",
+             "must be false with grounding: random crops would move the images away from their regions"),
+            (not (self.grounds and not self.qformer_instruction), "qformer_instruction",
+             "must be true with grounding: a Q-Former that reads no instruction cannot look where it points"),
+            (not (self.stage == "grounding" and (self.lora or self.train_vision)), "stage",
+             "grounding trains the Q-Former and its queries only (no lora, no train_vision)"),
         ]
         for ok, key, message in checks:
             if not ok:
@@ -139,7 +149,12 @@ class TrainConfig:
     def resolved_prompt_style(self) -> str:
         if self.prompt_style != "auto":
             return self.prompt_style
-        return "instruction" if self.stage == "instruct" else "none"
+        return "instruction" if self.stage in ("instruct", "grounding") else "none"
+
+    @property
+    def grounds(self) -> bool:
+        """Whether this run trains on the grounding loss (the grounding stage, or instruct with a weight)."""
+        return self.stage == "grounding" or self.grounding_weight > 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

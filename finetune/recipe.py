@@ -2,11 +2,14 @@
 
 Shared by `finetune.train` and `finetune.evaluate`. What is trained, per stage:
   instruct  Q-Former (+ queries, its word embeddings) + projection; the instruction goes to the
-            Q-Former (InstructBLIP). Options: + LoRA on the LLM, + the ViT.
+            Q-Former (InstructBLIP). Options: + LoRA on the LLM, + the ViT, + the grounding loss
+            (`grounding_weight`) on records with "regions".
   stage2    the same parameters with BLIP-2's inputs: no instruction template, raw prompts
             (captions: an empty prompt, so an InstructBLIP Q-Former reads only [CLS] [SEP] and a
             BLIP-2 one no text at all); decoder-only LLMs get the LM loss, encoder-decoder ones
             the prefix-LM loss (prompt to the encoder, answer as the target).
+  grounding the Q-Former and its queries on the grounding loss alone (instructblip_core/grounding.py):
+            their cross-attention toward the "regions" of the records that have them; no LLM pass
   stage1    a `stage1.QFormerPretrainer` (ITC + ITM + ITG; Q-Former and queries from the base
             model or random, `stage1_init`) on the frozen ViT's outputs; the export puts its
             Q-Former and queries into the base model.
@@ -27,6 +30,7 @@ from instructblip_core.collate import InstructionCollator, answer_token_counter,
 from instructblip_core.data import ImageFeatureCache, InstructionDataset, load_records
 from instructblip_core.evaluation import EvalSet, Evaluator
 from instructblip_core.generation import GenerationOptions
+from instructblip_core.grounding import GroundedInstructionModel, GroundingModel
 from instructblip_core.loading import load_pretrained
 from instructblip_core.lora import LoraSettings, add_lora, merge_lora
 from instructblip_core.pipeline import InstructBlip
@@ -139,13 +143,32 @@ def build_stage1(blip: InstructBlip, config: TrainConfig) -> Stage1Model:
     return Stage1Model(model.vision_model, pretrainer, feature_cache(config))
 
 
+def prepare_for_grounding(model: nn.Module) -> None:
+    """The grounding stage trains what decides where the queries look: the Q-Former and the queries."""
+    if not model.is_instruction_aware:
+        raise ConfigError("stage grounding: this checkpoint's Q-Former reads no instruction (BLIP-2), so it cannot learn where one points")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.qformer.parameters():
+        p.requires_grad_(True)
+    model.query_tokens.requires_grad_(True)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def training_module(blip: InstructBlip, config: TrainConfig) -> nn.Module:
     """The nn.Module the trainer calls with batches: what `model(**batch) -> loss` means per stage."""
     if config.stage == "stage1":
         return build_stage1(blip, config)
-    prepare_for_tuning(blip.model, config)
+    if config.stage == "grounding":
+        prepare_for_grounding(blip.model)
+        module = GroundingModel(blip.model)
+    else:
+        prepare_for_tuning(blip.model, config)
+        module = GroundedInstructionModel(blip.model, config.grounding_weight) if config.grounds else blip.model
     cache = feature_cache(config)
-    return WithCachedImageFeatures(blip.model, cache) if cache is not None else blip.model
+    return WithCachedImageFeatures(module, cache) if cache is not None else module
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -181,10 +204,19 @@ class Stage1Collator:
         return batch
 
 
-def collator(processor: Processor, config: TrainConfig):
+def collator(processor: Processor, config: TrainConfig, patch_grid: int | None = None):
+    """patch_grid: the image encoder's patches per side, needed when the run grounds (regions -> patch masks)."""
     if config.stage == "stage1":
         return Stage1Collator(processor, config.max_answer_tokens)
-    return InstructionCollator(processor, max_prompt_tokens=config.max_prompt_tokens, max_answer_tokens=config.max_answer_tokens)
+    if config.grounds and patch_grid is None:
+        raise ValueError("a grounding run needs the image encoder's patch grid to turn regions into patch masks")
+    return InstructionCollator(processor, max_prompt_tokens=config.max_prompt_tokens, max_answer_tokens=config.max_answer_tokens,
+                               region_grid=patch_grid if config.grounds else None)
+
+
+def patch_grid(model: nn.Module) -> int:
+    vision = model.config.vision_config
+    return vision.image_size // vision.patch_size
 
 
 @dataclass(frozen=True)
@@ -256,7 +288,26 @@ def load_training_data(processor: Processor, config: TrainConfig, report) -> tup
         bad = [d.name for d in datasets if d.task != "caption"]
         if bad:
             raise ConfigError(f"train_data: stage1 trains on captions; datasets {bad} have another task")
+    if config.stage == "grounding":
+        datasets = _with_regions_only(datasets, report)
     return datasets, skipped
+
+
+def _with_regions_only(datasets: list[InstructionDataset], report) -> list[InstructionDataset]:
+    """The grounding stage learns from records that name their regions; the others have nothing to teach it."""
+    kept = []
+    for d in datasets:
+        grounded = [r for r in d.records if r.regions]
+        if grounded:
+            if len(grounded) < len(d.records):
+                report(f"{d.name}: grounding on the {len(grounded)} of {len(d.records)} records that have 'regions'")
+            d.records = grounded
+            kept.append(d)
+        else:
+            report(f"{d.name}: no record has 'regions'; the grounding stage leaves it out")
+    if not kept:
+        raise ConfigError("train_data: stage grounding needs records with 'regions' ([x0, y0, x1, y1] boxes); none has any")
+    return kept
 
 
 def build_evaluator(
@@ -312,6 +363,8 @@ def export(config: TrainConfig, trained: nn.Module, out: str | os.PathLike) -> P
 
 def _copy_trainable(trained: nn.Module, target: nn.Module, config: TrainConfig) -> None:
     if isinstance(trained, WithCachedImageFeatures):
+        trained = trained.model
+    if isinstance(trained, (GroundingModel, GroundedInstructionModel)):
         trained = trained.model
     if config.lora:
         add_lora(target, lora_settings(config))

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from .data import DataError
+from .grounding import region_masks
 from .model import IGNORE_INDEX
 from .processing import Processor
 
@@ -53,8 +54,13 @@ class InstructionCollator:
         max_prompt_tokens: int = 512,
         max_answer_tokens: int = 256,
         is_encoder_decoder: bool | None = None,
+        region_grid: int | None = None,
     ):
         self.processor = processor
+        # Set (the image encoder's patches per side) when training with the grounding loss: items'
+        # "regions" then become `region_masks` (B, K, 1 + grid*grid). Unset, regions are ignored,
+        # so the same data also feeds evaluation and plain instruction tuning.
+        self.region_grid = region_grid
         self.tokenizer = processor.tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.max_answer_tokens = max_answer_tokens  # the paper's limit, EOS not counted
@@ -114,6 +120,8 @@ class InstructionCollator:
             batch = self._decoder_only(prompts, answers)
         batch["pixel_values"] = _stack_pixels(items)
         batch.update(self.processor.tokenize_instructions([it["qformer_text"] for it in items]))
+        if self.region_grid is not None and any(it.get("regions") for it in items):
+            batch["region_masks"] = region_masks([it.get("regions") or [] for it in items], self.region_grid)  # (B, K, N+1)
         return batch
 
     def _decoder_only(self, prompts: list[list[int]], answers: list[list[int]]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,9 @@ File formats (one JSON object per line in .jsonl; a list of objects in a .json f
       and optional "negative_captions": ["...", ...], texts known NOT to describe the image
       (e.g. one object's colour swapped): stage 1 adds them to ITM as hard negatives.
 Videos give their frames instead of one image: "images": ["clip/0.png", "clip/1.png", ...].
+Instruction and caption records of one image may name the regions their answer depends on:
+"regions": [[x0, y0, x1, y1], ...], boxes as fractions of the image's width and height (0 = left
+or top edge); the grounding loss (grounding.py) then teaches the Q-Former to look there.
 
 question_generation turns a VQA pair around: a {"question", "answer"} record becomes "write a
 question whose answer is <answer>" with the question as the target.
@@ -43,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from .features import pixel_key
+from .grounding import Region
 from .images import ImageError, load_image
 from .prompts import PromptTemplate, build_prompt
 from .templates import QUESTION_GENERATION, TASK_TYPES, render_instruction, render_task_tag, template_fields
@@ -71,6 +75,7 @@ class Record:
     history: list[tuple[str, str]] = field(default_factory=list)  # earlier (question, answer) turns
     extra: dict[str, str] = field(default_factory=dict)  # other template fields, e.g. {"answer": ...} for question_generation
     negatives: list[str] = field(default_factory=list)  # captions that do NOT describe the image (stage-1 ITM)
+    regions: list[Region] = field(default_factory=list)  # boxes the answer depends on (grounding.py)
     source: str  # "train.jsonl:17", where the record came from (errors name it)
 
 
@@ -222,6 +227,8 @@ def _records_from_entry(entry: Any, source: str, ctx: _Context) -> list[Record]:
     if _present(entry, "negative_captions") and not any(_present(entry, key) for key in ("caption", "text")):
         raise _BadEntry("field 'negative_captions' belongs to caption records (with 'caption' or 'text')")
     if "conversations" in entry:
+        if _present(entry, "regions"):
+            raise _BadEntry("field 'regions' belongs to instruction and caption records, not to conversations")
         return _conversation_records(entry, image, frames, source, ctx)
     if any(_present(entry, key) for key in ("answer", "text_output")):
         return [_instruction_record(entry, image, frames, source, ctx)]
@@ -336,7 +343,7 @@ def _instruction_record(entry: dict, image, frames, source: str, ctx: _Context) 
         _check_template_fields(ctx.task, {"question": question, "options": options, **extra})
     return Record(
         image=image, images=frames, instruction=instruction, question=question, answer=answer, task=ctx.task,
-        options=options, history=_history(entry), extra=extra, source=source,
+        options=options, history=_history(entry), extra=extra, regions=_regions(entry, frames), source=source,
     )
 
 
@@ -361,13 +368,37 @@ def _caption_records(entry: dict, image, frames, source: str, ctx: _Context) -> 
         raise _BadEntry(f"field {key!r} is an empty list")
     _check_template_fields(ctx.task, {})
     negatives = _negative_captions(entry)
+    regions = _regions(entry, frames)
     records = []
     for i, caption in enumerate(captions):
         what = f"{key}[{i}]" if len(captions) > 1 else key
         text = _check_answer(_check_text(caption, f"field {what!r}"), ctx, what)
         where = f"{source} (caption {i + 1} of {len(captions)})" if len(captions) > 1 else source
-        records.append(Record(image=image, images=frames, answer=text, task=ctx.task, source=where, negatives=negatives))
+        records.append(Record(image=image, images=frames, answer=text, task=ctx.task, source=where, negatives=negatives,
+                              regions=regions))
     return records
+
+
+def _regions(entry: dict, frames: list[Path]) -> list[Region]:
+    regions = entry.get("regions")
+    if regions is None:
+        return []
+    if frames:
+        raise _BadEntry("field 'regions' needs one 'image'; video frames have no regions")
+    if not isinstance(regions, list):
+        raise _BadEntry(f"wrong type: field 'regions' must be a list of [x0, y0, x1, y1] boxes, got {_json_type(regions)}")
+    boxes = []
+    for i, box in enumerate(regions):
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            raise _BadEntry(f"wrong type: regions[{i}] must be 4 numbers [x0, y0, x1, y1], got {json.dumps(box)[:60]}")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+            raise _BadEntry(
+                f"regions[{i}] = {json.dumps(box)} is not a box inside the image: need 0 <= x0 < x1 <= 1 and "
+                "0 <= y0 < y1 <= 1 (fractions of the width and height)"
+            )
+        boxes.append((x0, y0, x1, y1))
+    return boxes
 
 
 def _negative_captions(entry: dict) -> list[str]:
@@ -423,7 +454,7 @@ def _conversation_turns(conversations: Any) -> list[tuple[str, str]]:
 
 
 class InstructionDataset(Dataset):
-    """Records -> model-ready items: {"pixel_values", "prompt", "qformer_text", "answer", "negative", "source"}.
+    """Records -> model-ready items: {"pixel_values", "prompt", "qformer_text", "answer", "negative", "regions", "source"}.
 
     prompt_style:
       "instruction"  the record's own instruction, else a template of its task (the paper)
@@ -499,7 +530,7 @@ class InstructionDataset(Dataset):
         qformer_text = prompt.qformer if self.qformer_instruction else ""
         negative = self._rng(index, "negative").choice(record.negatives) if record.negatives else None
         return {"prompt": prompt.llm, "qformer_text": qformer_text, "answer": record.answer, "negative": negative,
-                "source": record.source}
+                "regions": record.regions, "source": record.source}
 
     def _current_text(self, record: Record, rng: random.Random) -> str:
         fields = {"question": record.question, "options": record.options, **record.extra}

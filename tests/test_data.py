@@ -370,7 +370,7 @@ def test_set_epoch_redraws_templates_and_crops(folder):
 def test_item_contents_and_eval_pixels(folder):
     records = _vqa_records(folder, 2)
     item = dataset(records)[1]
-    assert set(item) == {"pixel_values", "prompt", "qformer_text", "answer", "negative", "source"}
+    assert set(item) == {"pixel_values", "prompt", "qformer_text", "answer", "negative", "regions", "source"}
     assert item["negative"] is None  # a VQA record has no negative captions
     assert item["answer"] == "answer 1" and item["source"] == "mem:1"
     expected = PROCESSOR.pixel_values(PIL.Image.open(folder / "img" / "a.png").convert("RGB"))

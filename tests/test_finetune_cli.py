@@ -139,7 +139,7 @@ def test_wrong_types_and_values_name_file_line_and_key(tmp_path, capsys):
     path.write_text("model: m\ntrain_data: [{path: a.jsonl, task: caption}]\n\nlr: fast\n")
     assert f"{path}:4: lr: expected a number, got 'fast'" in train_error([str(path)], capsys)
     path.write_text("model: m\ntrain_data: [{path: a.jsonl, task: caption}]\nstage: stage3\n")
-    assert f"{path}:3: stage: expected one of 'instruct', 'stage2', 'stage1', got 'stage3'" in train_error([str(path)], capsys)
+    assert f"{path}:3: stage: expected one of 'instruct', 'stage2', 'stage1', 'grounding', got 'stage3'" in train_error([str(path)], capsys)
     path.write_text("model: m\ntrain_data: [{path: a.jsonl}]\n")
     assert f"{path}:2: train_data[0]: missing required key(s) ['task']" in train_error([str(path)], capsys)
     path.write_text("model: m\ntrain_data: [{path: a.jsonl, task: caption}]\nmax_steps: 0\n")
