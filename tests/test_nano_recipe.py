@@ -16,7 +16,7 @@ from instructblip_core import load_pretrained
 CEILING_SETS = ("vqa_attributes", "counting", "spatial", "ocr", "yes_no")
 STAGE_OUTPUTS = ["data/manifest.json", "tokenizers/llm/tokenizer.json", "tokenizers/qformer/tokenizer.json",
                  "vision.safetensors", "llm/config.json", "base/config.json", "stage1/export/config.json",
-                 "stage2/export/config.json", "instruct/export/config.json", "results.json", "results.md"]
+                 "stage2/export/config.json", "grounding/export/config.json", "instruct/export/config.json", "results.json", "results.md"]
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,15 @@ def test_every_stage_ran(quick_run):
     out, log = quick_run
     for name in STAGE_OUTPUTS:
         assert (out / name).exists(), name
-    for stage in ("vision step", "text step", "stage1", "stage2", "instruct"):
+    for stage in ("vision step", "text step", "stage1", "stage2", "grounding", "instruct"):
         assert stage in log
-    for stage in ("stage1", "stage2", "instruct"):  # --seed reaches the training stages too
+    for stage in ("stage1", "stage2", "grounding", "instruct"):  # --seed reaches the training stages too
         assert "seed: 3" in (out / f"{stage}.yaml").read_text().splitlines(), stage
+    # The grounding stage trains on the grounding loss alone; instruction tuning keeps it beside the LM loss.
+    grounded = [json.loads(line) for line in (out / "grounding" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["train/loss"] == m["train/loss_grounding"] for m in grounded if "train/loss" in m)
+    tuned = [json.loads(line) for line in (out / "instruct" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss_grounding" in m and "train/loss_lm" in m for m in tuned)
     chat = (out / "competence.md").read_text().splitlines()  # the model card's chat table
     assert chat[0] == "| question | 1 object | 2 objects | 3 objects | 4 objects | 5 objects |"
     assert [row.split(" | ")[0].removeprefix("| ") for row in chat[2:]] == list(LABELS.values())

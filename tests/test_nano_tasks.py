@@ -18,8 +18,8 @@ from finetune.nano.splits import (
     resolve_sizes, scene_key, text_corpus,
 )
 from finetune.nano.tasks import (
-    attribute_qa, compositional_qa, counting_qa, dialogue_turns, main_object, multiple_choice_qa, ocr_by_place_qa,
-    ocr_qa, spatial_qa, video_qa, yes_no_qa,
+    attribute_qa, box, caption_record, compositional_qa, counting_qa, dialogue_turns, main_object, multiple_choice_qa,
+    ocr_by_place_qa, ocr_qa, qa_record, spatial_qa, video_qa, yes_no_qa,
 )
 from finetune.nano.phrases import caption, counted_caption
 from finetune.nano.world import COLOURS, DIGITS, SHAPES, SceneStats, make_clip, make_scene
@@ -456,3 +456,30 @@ def test_text_corpus_asks_some_questions_in_plain_text_as_well_as_in_instruction
     assert 0.1 < bare / questions < 0.35, (bare, questions)
     assert 0.1 < plain_format / questions < 0.35, (plain_format, questions)
     assert bare + plain_format < 0.5 * questions  # the held-in instruction templates are still the most common form
+
+
+# ----------------------------------------------------------------------------- grounding regions
+
+
+def test_regions_are_the_boxes_of_the_objects_the_answer_depends_on():
+    """The grounding loss pulls the Q-Former's attention to these boxes, so they must be the right objects."""
+    counted = 0
+    for scene, rng in scenes(CLUTTERED, prefix="regions"):
+        for o in scene.objects:
+            x0, y0, x1, y1 = box(o)
+            assert 0 <= x0 < o.x < x1 <= 1 and 0 <= y0 < o.y < y1 <= 1
+        assert caption_record(caption(scene), scene)["regions"] == [box(o) for o in scene.objects]
+        qa = attribute_qa(scene, rng)
+        if qa is not None:
+            asked = re.fullmatch(rf"What (?:colour|shape|size) is ({REF})\?", qa.question).group(1)
+            assert qa_record(qa, "short_vqa")["regions"] == [box(resolve(scene, asked))]
+            assert "regions" not in qa_record(qa, "question_generation")  # its Q-Former reads the answer, not the question
+        qa = counting_qa(scene, rng)
+        record = qa_record(qa, "counting")
+        assert len(record.get("regions", [])) == int(qa.answer)  # the counted objects, none when there are none
+        counted += int(qa.answer) > 0
+        qa = spatial_qa(scene, rng)
+        if qa is not None and qa.kind in ("left_right", "above_below"):
+            a, b = re.fullmatch(rf"Is ({REF}) (?:to the left or to the right of|above or below) ({REF})\?", qa.question).groups()
+            assert qa_record(qa, "spatial")["regions"] == [box(resolve(scene, a)), box(resolve(scene, b))]
+    assert counted > N / 2

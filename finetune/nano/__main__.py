@@ -9,8 +9,10 @@ training stage, `finetune.train` resumes from its last checkpoint):
   5. base        the first full checkpoint (untrained Q-Former)
   6. stage1      Q-Former on frozen image features: ITC + ITM + ITG on captions (BLIP-2 stage 1)
   7. stage2      Q-Former + projection into the frozen LLM on captions (BLIP-2 stage 2)
-  8. instruct    instruction tuning on the held-in mixture, sqrt-balanced (InstructBLIP)
-  9. evaluate    every held-in and held-out test set -> results.json, results.md; the frozen LLM
+  8. grounding   the Q-Former's cross-attention toward the objects each held-in question is about
+  9. instruct    instruction tuning on the held-in mixture, sqrt-balanced (InstructBLIP), the
+                 grounding loss kept beside the LM loss
+ 10. evaluate    every held-in and held-out test set -> results.json, results.md; the frozen LLM
                  told each held-in scene in words -> ceiling.md; chat by number of objects -> competence.md
  --install copies the instruction-tuned export to assets/nano-instructblip with its model card.
 `--quick` runs every stage for a few steps on a few records (minutes; used by the tests).
@@ -51,7 +53,7 @@ class Budget:
     """Steps of each stage: full recipe (<= 45 min on 2 cores) or --quick (a smoke run)."""
 
     def __init__(self, quick: bool):
-        full = dict(vision=3000, text=3000, stage1=250, stage2=300, instruct=1200)
+        full = dict(vision=3000, text=3000, stage1=250, stage2=300, grounding=600, instruct=1000)
         self.steps = {k: 4 for k in full} if quick else full
         self.quick = quick
 

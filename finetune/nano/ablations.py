@@ -1,7 +1,9 @@
 """The paper's ablations, in miniature: `python -m finetune.nano.ablations [--out runs/nano]`.
 
-Each variant is instruction-tuned from the same stage-2 model with the same budget as the
-full recipe (or not tuned at all), then evaluated on the same test sets:
+Each variant is instruction-tuned with the same steps as the full recipe (or not tuned at all),
+then evaluated on the same test sets. They start from the full recipe's grounding stage and keep
+its grounding loss, except no_instruction: a Q-Former that reads no instruction cannot be told
+where to look, so it starts from the stage-2 model and trains on the LM loss alone.
   full             the full recipe's model (`python -m finetune.nano` first)
   no_instruction   the Q-Former never reads the instruction (BLIP-2-style visual features)
   proportional     datasets sampled in proportion to their size instead of sqrt-balanced
@@ -26,7 +28,7 @@ from .stages import run_stage
 
 VARIANTS = ("full", "no_instruction", "proportional", "task_tags", "stage2")
 TRAINING = {
-    "no_instruction": dict(qformer_instruction=False),
+    "no_instruction": dict(qformer_instruction=False, grounding_weight=0.0),
     "proportional": dict(sampling="proportional"),
     "task_tags": dict(prompt_style="task_tag"),
 }
@@ -46,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out
     log = log_to(work / "nano.log")
     manifest = load_manifest(work / "data")
-    stage2 = work / "stage2" / "export"
-    if not (stage2 / "config.json").exists():
-        raise SystemExit(f"{stage2} is missing: run `python -m finetune.nano --out {work}` first")
+    stage2, grounded = work / "stage2" / "export", work / "grounding" / "export"
+    for needed in (stage2, grounded):
+        if not (needed / "config.json").exists():
+            raise SystemExit(f"{needed} is missing: run `python -m finetune.nano --out {work}` first")
     steps = Budget(args.quick).steps["instruct"]
     path = work / "ablations.json"
     results = json.loads(path.read_text()) if path.exists() else {}
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         elif variant == "stage2":
             model = stage2
         else:
-            model = run_stage("instruct", stage2, work, manifest, steps, log, quick=args.quick,
+            start = stage2 if variant == "no_instruction" else grounded
+            model = run_stage("instruct", start, work, manifest, steps, log, quick=args.quick,
                               folder=f"ablation_{variant}", seed=args.seed, **TRAINING[variant])
         results[variant] = evaluate_all(model, manifest, quick=args.quick, **EVALUATION.get(variant, {}))
         path.write_text(json.dumps(results, indent=1))

@@ -42,19 +42,20 @@ Each question is about one object, named as the training questions name it ("the
 {competence}
 
 Trust it where a row is near 100%; the app's examples gallery asks only such questions.
-Elsewhere it often answers with another object's colour or shape, or a likely count.
+Since its Q-Former was trained to look at the object a question names (grounding, below), it
+answers about one object among several far better than before, though less well the more
+objects there are. Places and counts of more than three objects are weak.
 
-## Why it is no better: its LLM
+## Where it stands against its LLM
 
-Its frozen LLM is the limit. Per held-in test set, the first column is the model, which sees
-the picture; the others are its LLM alone when told the scene's caption instead, in all and
-by number of objects in the scene (`python -m finetune.nano.ceiling`). Told about one object,
-the LLM answers attribute, count and place questions right every time; told about several, it
-often gives another object's colour or shape although the right one is written in front of
-it, and it copies written words and checks yes/no statements hardly better than the model
-does from the picture. A soft prompt that describes the whole scene can do no better than
-the caption; one that carried only the object the question names could, which is what the
-instruction-aware Q-Former is for, and what it does not yet learn to do here.
+Per held-in test set, the first column is the model, which sees the picture; the others are
+its frozen LLM alone when told the scene's caption instead, in all and by number of objects
+in the scene (`python -m finetune.nano.ceiling`). Told about one object, the LLM answers
+attribute, count and place questions right every time; told about several, it often gives
+another object's colour or shape although the right one is written in front of it. So a soft
+prompt that describes the whole scene can do no better than the caption. The model's
+Q-Former instead passes on mostly the object the question names, and on attribute questions
+the model is well above the caption-told LLM; on counts and places it is still below it.
 
 {ceiling}
 
@@ -80,7 +81,10 @@ confuse it.
    each object's patch tokens names its shape, colour, size and place), then frozen;
 3. the LLM on the world's text, then frozen;
 4. Q-Former stage 1 (ITC + ITM + ITG on captions), stage 2 (LM loss through the frozen LLM);
-5. instruction tuning on the held-in datasets with sqrt-balanced sampling.
+5. grounding: the Q-Former's cross-attention trained toward the objects each held-in question
+   or caption is about (their boxes are in the training records);
+6. instruction tuning on the held-in datasets with sqrt-balanced sampling, the grounding loss
+   kept beside the LM loss.
 
 ## Results
 

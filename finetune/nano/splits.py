@@ -91,7 +91,7 @@ def _asks(generator: Callable[[Scene, random.Random], QA | None], task: str) -> 
 def _captions(scene: Scene, rng: random.Random, index: int, stream: str) -> dict:
     # Training targets one canonical caption (learnable by a tiny model); evaluation scores
     # against two references, as CIDEr is meant to be used.
-    return caption_record(caption(scene) if stream == TRAIN else [caption(scene), counted_caption(scene)])
+    return caption_record(caption(scene) if stream == TRAIN else [caption(scene), counted_caption(scene)], scene)
 
 
 def _yes_no(scene: Scene, rng: random.Random, index: int, stream: str) -> dict | None:

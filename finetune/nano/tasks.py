@@ -39,6 +39,7 @@ class QA:
     answer: str
     kind: str  # which generator branch made it, e.g. "colour", "count_shape", "neighbour"
     options: tuple[str, ...] | None = None  # multiple choice only; the answer is one of them
+    about: tuple[SceneObject, ...] = ()  # the objects the answer depends on: the record's grounding regions
 
 
 def _pick(rng: random.Random, choices: list[T]) -> T | None:
@@ -72,7 +73,7 @@ def _attribute_of(scene: Scene, rng: random.Random, attribute: str) -> QA | None
     if picked is None:
         return None
     obj, ref = picked
-    return QA(_question(f"what {attribute} is {ref}"), getattr(obj, attribute), attribute)
+    return QA(_question(f"what {attribute} is {ref}"), getattr(obj, attribute), attribute, about=(obj,))
 
 
 # ----------------------------------------------------------------------------- counting
@@ -86,22 +87,25 @@ def counting_qa(scene: Scene, rng: random.Random) -> QA:
     the answer to most questions, as most things in a small scene are there once.
     """
     by_count: dict[int, list[tuple[str, str]]] = {}
-    for kind, text, n in _counting_questions(scene):
-        by_count.setdefault(n, []).append((kind, text))
+    for kind, text, counted in _counting_questions(scene):
+        by_count.setdefault(len(counted), []).append((kind, text, counted))
     present = sorted(n for n in by_count if n > 0)
     n = 0 if 0 in by_count and rng.random() < ABSENT_COUNT_RATE else rng.choice(present)
-    kind, text = rng.choice(by_count[n])
-    return QA(_question(text), str(n), kind)
+    kind, text, counted = rng.choice(by_count[n])
+    return QA(_question(text), str(n), kind, about=counted)
 
 
-def _counting_questions(scene: Scene) -> list[tuple[str, str, int]]:
-    """Every counting question about the scene: (kind, text, true count)."""
-    questions = [("count_all", "how many objects are there", scene.count())]
-    questions += [("count_shape", f"how many {PLURALS[s]} are there", scene.count(shape=s)) for s in SHAPES]
-    questions += [("count_colour", f"how many {c} objects are there", scene.count(colour=c)) for c in COLOURS]
-    questions += [("count_size", f"how many {z} objects are there", scene.count(size=z)) for z in SIZES]
+def _counting_questions(scene: Scene) -> list[tuple[str, str, tuple[SceneObject, ...]]]:
+    """Every counting question about the scene: (kind, text, the objects it counts)."""
+    def counted(**attributes) -> tuple[SceneObject, ...]:
+        return tuple(o for o in scene.objects if all(getattr(o, k) == v for k, v in attributes.items()))
+
+    questions = [("count_all", "how many objects are there", counted())]
+    questions += [("count_shape", f"how many {PLURALS[s]} are there", counted(shape=s)) for s in SHAPES]
+    questions += [("count_colour", f"how many {c} objects are there", counted(colour=c)) for c in COLOURS]
+    questions += [("count_size", f"how many {z} objects are there", counted(size=z)) for z in SIZES]
     questions += [
-        ("count_colour_shape", f"how many {c} {PLURALS[s]} are there", scene.count(colour=c, shape=s))
+        ("count_colour_shape", f"how many {c} {PLURALS[s]} are there", counted(colour=c, shape=s))
         for c in COLOURS for s in SHAPES
     ]
     return questions
@@ -126,7 +130,7 @@ def where_qa(scene: Scene, rng: random.Random) -> QA | None:
     if picked is None:
         return None
     obj, ref = picked
-    return QA(_question(f"where is {ref}"), obj.place, "where")
+    return QA(_question(f"where is {ref}"), obj.place, "where", about=(obj,))
 
 
 def _unique_neighbours(scene: Scene) -> list[tuple[SceneObject, str, SceneObject, str]]:
@@ -147,8 +151,8 @@ def _neighbour(scene: Scene, rng: random.Random) -> QA | None:
     picked = _pick(rng, _unique_neighbours(scene))
     if picked is None:
         return None
-    _, relation, other, ref = picked
-    return QA(_question(f"what is {RELATION_PHRASES[relation]} {ref}"), describe(other), "neighbour")
+    anchor, relation, other, ref = picked
+    return QA(_question(f"what is {RELATION_PHRASES[relation]} {ref}"), describe(other), "neighbour", about=(anchor, other))
 
 
 def _compare(scene: Scene, rng: random.Random, axis: str, words: tuple[str, str], phrase: str) -> QA | None:
@@ -162,7 +166,7 @@ def _compare(scene: Scene, rng: random.Random, axis: str, words: tuple[str, str]
     a, b = picked
     answer = words[0] if getattr(a, axis) < getattr(b, axis) else words[1]
     ref_a, ref_b = refer(scene, a, avoid={"place"}), refer(scene, b, avoid={"place"})
-    return QA(_question(f"is {ref_a} {phrase} {ref_b}"), answer, "left_right" if axis == "col" else "above_below")
+    return QA(_question(f"is {ref_a} {phrase} {ref_b}"), answer, "left_right" if axis == "col" else "above_below", about=(a, b))
 
 
 # ----------------------------------------------------------------------------- text reading
@@ -182,7 +186,7 @@ def ocr_qa(scene: Scene, rng: random.Random) -> QA | None:
         "find_text": (_question(f"which object has {text_phrase(obj.text)} on it"), describe(obj)),
     }
     kind = rng.choice(sorted(kinds))
-    return QA(*kinds[kind], kind)
+    return QA(*kinds[kind], kind, about=(obj,))
 
 
 def ocr_by_place_qa(scene: Scene, rng: random.Random) -> QA | None:
@@ -227,7 +231,8 @@ def _exists(scene: Scene, rng: random.Random, answer: bool) -> QA | None:
         if picked is None:
             return None
         colour, shape = picked
-    return QA(_question(f"is there {article(colour)} {colour} {shape}"), _yes(answer), "exists")
+    there = tuple(o for o in scene.objects if o.colour == colour and o.shape == shape)
+    return QA(_question(f"is there {article(colour)} {colour} {shape}"), _yes(answer), "exists", about=there)
 
 
 def _has_attribute(scene: Scene, rng: random.Random, answer: bool) -> QA | None:
@@ -240,7 +245,7 @@ def _has_attribute(scene: Scene, rng: random.Random, answer: bool) -> QA | None:
     actual = getattr(obj, attribute)
     value = actual if answer else rng.choice([v for v in values if v != actual])
     claim = f"{article(value)} {value}" if attribute == "shape" else value
-    return QA(_question(f"is {ref} {claim}"), _yes(answer), "has_attribute")
+    return QA(_question(f"is {ref} {claim}"), _yes(answer), "has_attribute", about=(obj,))
 
 
 def _relation(scene: Scene, rng: random.Random, answer: bool) -> QA | None:
@@ -255,8 +260,8 @@ def _relation(scene: Scene, rng: random.Random, answer: bool) -> QA | None:
     picked = _pick(rng, triples)
     if picked is None:
         return None
-    _, relation, _, ref_a, ref_b = picked
-    return QA(_question(f"is {ref_a} {RELATION_PHRASES[relation]} {ref_b}"), _yes(answer), "relation")
+    a, relation, b, ref_a, ref_b = picked
+    return QA(_question(f"is {ref_a} {RELATION_PHRASES[relation]} {ref_b}"), _yes(answer), "relation", about=(a, b))
 
 
 def _exact_count(scene: Scene, rng: random.Random, answer: bool) -> QA | None:
@@ -265,7 +270,7 @@ def _exact_count(scene: Scene, rng: random.Random, answer: bool) -> QA | None:
     if not answer:
         n = rng.choice([m for m in (n - 1, n + 1) if m >= 1])
     text = f"is there exactly one {shape}" if n == 1 else f"are there exactly {NUMBER_WORDS[n]} {PLURALS[shape]}"
-    return QA(_question(text), _yes(answer), "exact_count")
+    return QA(_question(text), _yes(answer), "exact_count", about=tuple(o for o in scene.objects if o.shape == shape))
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -289,7 +294,7 @@ def multiple_choice_qa(scene: Scene, rng: random.Random, n_options: int = 4) -> 
     distractors = [d for d in _answer_space(scene, base, rng) if d != base.answer]
     options = [base.answer] + distractors[: n_options - 1]
     rng.shuffle(options)
-    return QA(base.question, base.answer, f"mc_{base.kind}", tuple(options))
+    return QA(base.question, base.answer, f"mc_{base.kind}", tuple(options), about=base.about)
 
 
 def _answer_space(scene: Scene, qa: QA, rng: random.Random) -> list[str]:
@@ -412,15 +417,27 @@ def video_qa(clip: Clip, rng: random.Random) -> QA:
 
 
 def qa_record(qa: QA, task: str) -> dict:
-    """{"question", "answer", "task", "kind"} and "options" for multiple choice."""
+    """{"question", "answer", "task", "kind"}, "options" for multiple choice, and "regions": the
+    boxes of the objects the answer depends on (none for question generation, whose Q-Former
+    reads the answer, not a question that points at something)."""
     record = {"question": qa.question, "answer": qa.answer}
     if qa.options is not None:
         record["options"] = list(qa.options)
+    if qa.about and task != "question_generation":
+        record["regions"] = [box(o) for o in qa.about]
     return record | {"task": task, "kind": qa.kind}
 
 
-def caption_record(captions: list[str] | str) -> dict:
-    return {"caption": captions, "task": "caption"}
+def caption_record(captions: list[str] | str, scene: Scene) -> dict:
+    """A caption names every object, so every object is one of its regions."""
+    return {"caption": captions, "task": "caption", "regions": [box(o) for o in scene.objects]}
+
+
+def box(obj: SceneObject) -> list[float]:
+    """The object's bounding box [x0, y0, x1, y1] in fractions of the image side (a shape fits its diameter)."""
+    r = obj.diameter / 2
+    return [round(max(0.0, obj.x - r), 4), round(max(0.0, obj.y - r), 4),
+            round(min(1.0, obj.x + r), 4), round(min(1.0, obj.y + r), 4)]
 
 
 def classification_record(scene: Scene) -> dict:
