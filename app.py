@@ -76,9 +76,9 @@ EMPTY_ANSWER = "*(no answer: the model ended without any text)*"
 LARGE_LLM_PARAMETERS = 1_000_000_000  # above this the original release's settings fit; below, greedy
 DEFAULT_MODEL_NOTE = (
     "A small InstructBLIP trained in this project on a synthetic world of shapes, colours, "
-    "sizes, positions, counts and short words. It is reliable on the colour, shape and size of a "
-    "lone object and on counting up to three objects, and often wrong about one object among several "
-    "(its model card has the figures). It does not know real photos: for those, start "
+    "sizes, positions, counts and short words. It is reliable on the colour, shape and size of an "
+    "object in a scene of up to three and on counting up to three objects, less so with more objects, "
+    "and weak on places (its model card has the figures). It does not know real photos: for those, start "
     "the app with `--model Salesforce/instructblip-flan-t5-xl` (or another InstructBLIP / BLIP-2 checkpoint)."
 )
 

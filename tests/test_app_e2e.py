@@ -25,11 +25,13 @@ CIRCLE_AND_SQUARE = EXAMPLES / "red_circle_blue_square.png"
 STARS = EXAMPLES / "three_yellow_stars.png"
 # (question, image or None for the sticky one, words of which one is right). The shipped model
 # answers the colour and size of a lone object, and counts one to three objects, about every
-# time; about one object among several it is near chance, so the test does not ask that of it.
+# time; since the eighth build (grounding) it also names one object's colour among two or three
+# in 83-97% of fresh scenes (README), so the conversation asks that once too.
 CONVERSATION = [
     ("What colour is the circle?", CIRCLE, ["red"]),
     ("What size is the circle?", None, ["large"]),
     ("How many objects are there?", None, ["1", "one"]),
+    ("What colour is the square?", CIRCLE_AND_SQUARE, ["blue"]),  # the one object named, beside a red circle
     ("How many objects are there?", STARS, ["3", "three"]),  # the same question, now about the stars
 ]
 
