@@ -59,24 +59,26 @@ def slow_app_and_model(tiny_checkpoints):
     return app_for(folder), load_pretrained(folder)
 
 
-def test_three_turns_about_an_image_then_a_new_image(app_and_model):
+def test_three_turns_about_an_image_then_new_images(app_and_model):
     server, model = app_and_model
     client = server.client()
     expected = direct_answers(model, [(q, image) for q, image, _ in CONVERSATION])
 
-    replies = []
+    replies, current = [], None
     for question, image, _ in CONVERSATION:
+        current = image or current
         conversation, _, look, status = ask(client, question, image)
         replies.append(answers(conversation)[-1])
         assert status.startswith("Answered after"), status
         with Image.open(look["value"]) as heat:  # the "where did it look?" picture, as PNG
-            assert heat.format == "PNG" and heat.size == Image.open(image or CIRCLE).size
+            assert heat.format == "PNG" and heat.size == Image.open(current).size
         assert question in look["label"]
 
     assert replies == expected
     assert questions(conversation) == [q for q, _, _ in CONVERSATION]
-    assert pictures(conversation) == [CIRCLE.name, STARS.name]
-    assert notices(conversation) == ["Note: New image"]  # the earlier turns are not used for the stars
+    assert pictures(conversation) == [CIRCLE.name, CIRCLE_AND_SQUARE.name, STARS.name]
+    # the earlier turns are not used for a new picture
+    assert notices(conversation) == ["Note: New image", "Note: New image"]
     wrong = [(q, reply) for (q, _, right), reply in zip(CONVERSATION, replies) if not is_right(reply, right)]
     assert not wrong, f"wrong for the picture (on {model.source}): {wrong}"
 
