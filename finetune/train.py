@@ -82,7 +82,10 @@ class PreparedRun:
 
 def prepare(config: TrainConfig) -> PreparedRun:
     """Model, data, evaluator and trainer of a run, ready for `trainer.train()`."""
-    accelerator = make_accelerator(config.mixed_precision, find_unused_parameters=config.find_unused_parameters)
+    # The grounding stage reads only the cross-attention weights: the Q-Former's later query
+    # layers get no gradient there, which DDP must be told about.
+    unused = config.find_unused_parameters or config.stage == "grounding"
+    accelerator = make_accelerator(config.mixed_precision, find_unused_parameters=unused)
     announce = accelerator.print
     set_seed(config.seed)  # model set-up draws random numbers too (LoRA, stage-1 heads)
     blip = recipe.load_base(config, accelerator.device)

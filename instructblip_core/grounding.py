@@ -99,8 +99,8 @@ def _image_embeds(model: nn.Module, pixel_values: torch.Tensor | None, image_emb
         return image_embeds
     if pixel_values is None:
         raise ValueError("pass pixel_values or precomputed image_embeds")
-    with torch.no_grad():  # the image encoder stays frozen in every stage that grounds
-        return model.encode_images(pixel_values)
+    # No no_grad here: a frozen encoder builds no graph anyway, and with train_vision it must learn.
+    return model.encode_images(pixel_values)
 
 
 class GroundedInstructionModel(nn.Module):

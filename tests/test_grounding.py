@@ -166,3 +166,30 @@ def test_grounding_options_are_checked():
         TrainConfig(model="m", train_data=data, stage="stage2", grounding_weight=1.0)
     with pytest.raises(ConfigError, match="qformer_instruction: must be true with grounding"):
         TrainConfig(model="m", train_data=data, grounding_weight=1.0, qformer_instruction=False)
+
+
+def test_the_grounding_stage_runs_in_two_processes(tiny_checkpoints, tmp_path):
+    """Under DDP: the grounding loss reads only the cross-attention, so the Q-Former's later query
+    layers get no gradient; the stage must tell DDP so instead of failing at the first step."""
+    import subprocess
+    import sys
+
+    from finetune_fixtures import REPO, subprocess_env, write_config
+    from test_multiprocess import free_port
+
+    data = write_halves_dataset(tmp_path / "data", repeats=1)
+    config = write_config(
+        tmp_path / "run.yaml", model=str(tiny_checkpoints("instructblip-llama", **TRAIN_SIZES)), stage="grounding",
+        train_data=[{"path": str(data), "task": "short_vqa"}], max_steps=3, per_device_batch_size=4, lr=1e-3,
+        warmup_steps=1, log_every=1, save_every=0, progress_bar=False, tensorboard=False, output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        "-m", "finetune.train", str(config),
+    ]  # fmt: skip
+    done = subprocess.run(launch, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "global batch 8 = 4 per process x 2 process(es)" in done.stdout + done.stderr
+    assert [m["step"] for m in metrics(tmp_path / "run") if "train/loss_grounding" in m] == [1, 2, 3]
+    assert (tmp_path / "run" / "export" / "config.json").exists()
