@@ -62,6 +62,13 @@ def lora_settings(config: TrainConfig) -> LoraSettings:
     return LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=targets)
 
 
+def _trainable_in_float32(model: nn.Module) -> None:
+    """Trainable weights in float32 (AdamW master weights), whatever dtype the frozen ones have."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def prepare_for_tuning(model: nn.Module, config: TrainConfig) -> None:
     """Freeze as the paper does (+ options), trainable weights in float32 (AdamW master weights)."""
     model.freeze_for_instruction_tuning(train_vision=config.train_vision)
@@ -71,9 +78,7 @@ def prepare_for_tuning(model: nn.Module, config: TrainConfig) -> None:
         set_qformer_dropout(model.qformer, config.qformer_dropout)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    _trainable_in_float32(model)
 
 
 class WithCachedImageFeatures(nn.Module):
@@ -152,9 +157,7 @@ def prepare_for_grounding(model: nn.Module) -> None:
     for p in model.qformer.parameters():
         p.requires_grad_(True)
     model.query_tokens.requires_grad_(True)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    _trainable_in_float32(model)
 
 
 def training_module(blip: InstructBlip, config: TrainConfig) -> nn.Module:
@@ -362,10 +365,8 @@ def export(config: TrainConfig, trained: nn.Module, out: str | os.PathLike) -> P
 
 
 def _copy_trainable(trained: nn.Module, target: nn.Module, config: TrainConfig) -> None:
-    if isinstance(trained, WithCachedImageFeatures):
-        trained = trained.model
-    if isinstance(trained, (GroundingModel, GroundedInstructionModel)):
-        trained = trained.model
+    while isinstance(trained, (WithCachedImageFeatures, GroundingModel, GroundedInstructionModel)):
+        trained = trained.model  # the wrappers' weights are the model's
     if config.lora:
         add_lora(target, lora_settings(config))
     params = dict(target.named_parameters())

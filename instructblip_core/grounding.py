@@ -94,13 +94,14 @@ class GroundedOutput:
     loss_grounding: torch.Tensor | None = None
 
 
-def _image_embeds(model: nn.Module, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
-    if image_embeds is not None:
-        return image_embeds
-    if pixel_values is None:
-        raise ValueError("pass pixel_values or precomputed image_embeds")
-    # No no_grad here: a frozen encoder builds no graph anyway, and with train_vision it must learn.
-    return model.encode_images(pixel_values)
+def _attended_features(model: nn.Module, pixel_values, image_embeds, qformer_input_ids, qformer_attention_mask):
+    """Images (or their cached encoder outputs) + instruction -> VisualFeatures with the cross-attention weights."""
+    if image_embeds is None:
+        if pixel_values is None:
+            raise ValueError("pass pixel_values or precomputed image_embeds")
+        # No no_grad here: a frozen encoder builds no graph anyway, and with train_vision it must learn.
+        image_embeds = model.encode_images(pixel_values)  # (B, N+1, Cv)
+    return model.visual_features(image_embeds, qformer_input_ids, qformer_attention_mask, output_cross_attentions=True)
 
 
 class GroundedInstructionModel(nn.Module):
@@ -126,8 +127,7 @@ class GroundedInstructionModel(nn.Module):
             out = self.model(pixel_values=pixel_values, image_embeds=image_embeds, qformer_input_ids=qformer_input_ids,
                              qformer_attention_mask=qformer_attention_mask, **batch)
             return GroundedOutput(out.logits, out.loss, loss_lm=out.loss, loss_grounding=torch.zeros((), device=out.loss.device))
-        embeds = _image_embeds(self.model, pixel_values, image_embeds)  # (B, N+1, Cv)
-        features = self.model.visual_features(embeds, qformer_input_ids, qformer_attention_mask, output_cross_attentions=True)
+        features = _attended_features(self.model, pixel_values, image_embeds, qformer_input_ids, qformer_attention_mask)
         out = self.model(visual=features.language_inputs, **batch)
         grounding = grounding_loss(features.cross_attentions, region_masks)
         return GroundedOutput(out.logits, out.loss + self.weight * grounding, loss_lm=out.loss, loss_grounding=grounding)
@@ -145,11 +145,8 @@ class GroundingModel(nn.Module):
 
     def forward(self, region_masks: torch.Tensor | None = None, pixel_values=None, image_embeds=None,
                 qformer_input_ids=None, qformer_attention_mask=None, **_llm_inputs) -> GroundedOutput:
-        if region_masks is None:
-            raise ValueError("the grounding stage trains on records with 'regions', and this batch has none")
-        embeds = _image_embeds(self.model, pixel_values, image_embeds)  # (B, N+1, Cv)
-        features = self.model.visual_features(embeds, qformer_input_ids, qformer_attention_mask, output_cross_attentions=True)
-        grounding = grounding_loss(features.cross_attentions, region_masks)
+        features = _attended_features(self.model, pixel_values, image_embeds, qformer_input_ids, qformer_attention_mask)
+        grounding = None if region_masks is None else grounding_loss(features.cross_attentions, region_masks)
         if grounding is None:
             raise ValueError("the grounding stage trains on records with 'regions', and this batch has none")
         return GroundedOutput(None, grounding, loss_grounding=grounding)

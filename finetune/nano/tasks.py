@@ -97,15 +97,12 @@ def counting_qa(scene: Scene, rng: random.Random) -> QA:
 
 def _counting_questions(scene: Scene) -> list[tuple[str, str, tuple[SceneObject, ...]]]:
     """Every counting question about the scene: (kind, text, the objects it counts)."""
-    def counted(**attributes) -> tuple[SceneObject, ...]:
-        return tuple(o for o in scene.objects if all(getattr(o, k) == v for k, v in attributes.items()))
-
-    questions = [("count_all", "how many objects are there", counted())]
-    questions += [("count_shape", f"how many {PLURALS[s]} are there", counted(shape=s)) for s in SHAPES]
-    questions += [("count_colour", f"how many {c} objects are there", counted(colour=c)) for c in COLOURS]
-    questions += [("count_size", f"how many {z} objects are there", counted(size=z)) for z in SIZES]
+    questions = [("count_all", "how many objects are there", scene.matching())]
+    questions += [("count_shape", f"how many {PLURALS[s]} are there", scene.matching(shape=s)) for s in SHAPES]
+    questions += [("count_colour", f"how many {c} objects are there", scene.matching(colour=c)) for c in COLOURS]
+    questions += [("count_size", f"how many {z} objects are there", scene.matching(size=z)) for z in SIZES]
     questions += [
-        ("count_colour_shape", f"how many {c} {PLURALS[s]} are there", counted(colour=c, shape=s))
+        ("count_colour_shape", f"how many {c} {PLURALS[s]} are there", scene.matching(colour=c, shape=s))
         for c in COLOURS for s in SHAPES
     ]
     return questions
@@ -231,8 +228,8 @@ def _exists(scene: Scene, rng: random.Random, answer: bool) -> QA | None:
         if picked is None:
             return None
         colour, shape = picked
-    there = tuple(o for o in scene.objects if o.colour == colour and o.shape == shape)
-    return QA(_question(f"is there {article(colour)} {colour} {shape}"), _yes(answer), "exists", about=there)
+    return QA(_question(f"is there {article(colour)} {colour} {shape}"), _yes(answer), "exists",
+              about=scene.matching(colour=colour, shape=shape))
 
 
 def _has_attribute(scene: Scene, rng: random.Random, answer: bool) -> QA | None:
@@ -270,7 +267,7 @@ def _exact_count(scene: Scene, rng: random.Random, answer: bool) -> QA | None:
     if not answer:
         n = rng.choice([m for m in (n - 1, n + 1) if m >= 1])
     text = f"is there exactly one {shape}" if n == 1 else f"are there exactly {NUMBER_WORDS[n]} {PLURALS[shape]}"
-    return QA(_question(text), _yes(answer), "exact_count", about=tuple(o for o in scene.objects if o.shape == shape))
+    return QA(_question(text), _yes(answer), "exact_count", about=scene.matching(shape=shape))
 
 
 # ----------------------------------------------------------------------------- multiple choice

@@ -120,12 +120,15 @@ class Scene:
         if self.backdrop not in BACKDROPS:
             raise ValueError(f"unknown backdrop {self.backdrop!r}; known: {', '.join(BACKDROPS)}")
 
-    def count(self, *, shape: str | None = None, colour: str | None = None, size: str | None = None) -> int:
-        """Objects matching every attribute given (none given: all objects)."""
-        return sum(
-            (shape is None or o.shape == shape) and (colour is None or o.colour == colour) and (size is None or o.size == size)
-            for o in self.objects
+    def matching(self, *, shape: str | None = None, colour: str | None = None, size: str | None = None) -> tuple[SceneObject, ...]:
+        """The objects matching every attribute given (none given: all objects), in scene order."""
+        return tuple(
+            o for o in self.objects
+            if (shape is None or o.shape == shape) and (colour is None or o.colour == colour) and (size is None or o.size == size)
         )
+
+    def count(self, *, shape: str | None = None, colour: str | None = None, size: str | None = None) -> int:
+        return len(self.matching(shape=shape, colour=colour, size=size))
 
     def at(self, cell: tuple[int, int]) -> SceneObject | None:
         return next((o for o in self.objects if o.cell == cell), None)
