@@ -108,8 +108,9 @@ class GroundedInstructionModel(nn.Module):
     """Instruction tuning with the grounding loss added: loss = LM + weight * grounding.
 
     Batches without regions (and video batches, whose records carry none) train on the LM
-    loss alone, exactly as without this wrapper; they report a grounding loss of 0, so that
-    every step logs the same keys (processes average their logs key by key).
+    loss alone, exactly as without this wrapper, and report no grounding loss: the logged
+    `loss_grounding` is the mean over the batches that had regions (the trainer counts each
+    logged key on its own).
     """
 
     def __init__(self, model: nn.Module, weight: float):
@@ -126,7 +127,7 @@ class GroundedInstructionModel(nn.Module):
         if region_masks is None or is_video or not (region_masks.sum(-1) > 0).any():
             out = self.model(pixel_values=pixel_values, image_embeds=image_embeds, qformer_input_ids=qformer_input_ids,
                              qformer_attention_mask=qformer_attention_mask, **batch)
-            return GroundedOutput(out.logits, out.loss, loss_lm=out.loss, loss_grounding=torch.zeros((), device=out.loss.device))
+            return GroundedOutput(out.logits, out.loss, loss_lm=out.loss)
         features = _attended_features(self.model, pixel_values, image_embeds, qformer_input_ids, qformer_attention_mask)
         out = self.model(visual=features.language_inputs, **batch)
         grounding = grounding_loss(features.cross_attentions, region_masks)

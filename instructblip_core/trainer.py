@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -299,11 +299,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def _mean_over_processes(self, sums: dict[str, float], count: int) -> dict[str, float]:
+    def _mean_over_processes(self, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+        """Each logged value: its mean over the micro-batches (of every process) that reported it.
+
+        A model may report a key on some batches only (e.g. a loss on the records that have what
+        it needs), so each key has its own count, and the processes first agree on the key set.
+        """
         keys = sorted(sums)
-        local = torch.tensor([sums[k] / count for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        mean = self.accelerator.reduce(local, reduction="mean") if self.accelerator.num_processes > 1 else local
-        return dict(zip(keys, mean.tolist()))
+        if self.accelerator.num_processes > 1:
+            keys = sorted(set().union(*gather_object([keys])))
+        local = torch.tensor([[sums.get(k, 0.0), counts.get(k, 0)] for k in keys], dtype=torch.float64,
+                             device=self.accelerator.device)  # (K, 2): sum and count per key
+        total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
+        return {k: s / n for k, (s, n) in zip(keys, total.tolist()) if n > 0}
 
     def run_evaluation(self, log: MetricsLog | None) -> dict[str, float]:
         """Main process evaluates the unwrapped model; the others wait. No global RNG is touched."""
@@ -334,7 +342,8 @@ class Trainer:
             log = MetricsLog(s.output_dir, resume_step=self.step, tensorboard=s.tensorboard)
         self._train_mode()
         bar = tqdm(total=s.max_steps, initial=self.step, desc="train", disable=not (s.progress_bar and acc.is_main_process))
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = {}  # per logged key: its sum and how many micro-batches reported it
+        counts: dict[str, int] = {}
         window, last_loss, started = 0, None, time.perf_counter()
         stream = self.batches.steps(self.step)
         try:
@@ -343,13 +352,14 @@ class Trainer:
                 scale = 1.0 / len(micro_batches)
                 for i, batch in enumerate(micro_batches):
                     for key, value in self._micro_step(batch, i == len(micro_batches) - 1, scale).items():
-                        sums[key] = sums.get(key, 0.0) + value * scale
+                        sums[key] = sums.get(key, 0.0) + value
+                        counts[key] = counts.get(key, 0) + 1
                 grad_norm = self._optimizer_step()
                 self.step += 1
                 window += 1
                 bar.update(1)
                 if self.step % s.log_every == 0 or self.step == s.max_steps:
-                    values = self._mean_over_processes(sums, window)
+                    values = self._mean_over_processes(sums, counts)
                     if not all(math.isfinite(v) for v in values.values()):
                         raise FloatingPointError(f"step {self.step}: loss is not finite ({values}); lower lr or check the data")
                     last_loss = values["loss"]
@@ -359,7 +369,7 @@ class Trainer:
                     if log is not None:
                         log.write(self.step, {f"train/{k}": v for k, v in values.items()})
                     bar.set_postfix(loss=f"{last_loss:.4f}")
-                    sums, window, started = {}, 0, time.perf_counter()
+                    sums, counts, window, started = {}, {}, 0, time.perf_counter()
                 if s.eval_every and self.step % s.eval_every == 0 and self.step < s.max_steps:
                     self.run_evaluation(log)
                 if s.save_every and self.step % s.save_every == 0 and self.step < s.max_steps:
