@@ -217,9 +217,6 @@ def collator(processor: Processor, config: TrainConfig, patch_grid: int | None =
                                region_grid=patch_grid if config.grounds else None)
 
 
-def patch_grid(model: nn.Module) -> int:
-    vision = model.config.vision_config
-    return vision.image_size // vision.patch_size
 
 
 @dataclass(frozen=True)

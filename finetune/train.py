@@ -95,7 +95,7 @@ def prepare(config: TrainConfig) -> PreparedRun:
     batches = StepBatches(
         datasets,
         mixture_sampler(datasets, config, announce),
-        recipe.collator(blip.processor, config, recipe.patch_grid(blip.model)),
+        recipe.collator(blip.processor, config, blip.model.config.vision_config.patches_per_side),
         micro_batch_size=config.per_device_batch_size,
         accumulation_steps=config.gradient_accumulation_steps,
         num_processes=accelerator.num_processes,

@@ -63,7 +63,7 @@ def attention_grid(model: InstructBlip, image, instruction: str) -> torch.Tensor
     """
     per_token = cross_attention_weights(model, image, instruction)  # (N+1,)
     per_patch = per_token[1:]  # (N,) the CLS token has no place in the picture
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    side = model.config.vision_config.patches_per_side
     if per_patch.numel() != side * side:
         raise ValueError(f"expected {side * side} patch tokens for a {side}x{side} grid, got {per_patch.numel()}")
     return min_max_scale(per_patch.reshape(side, side))  # (side, side)

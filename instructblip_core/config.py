@@ -53,7 +53,8 @@ class VisionConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
         self.head_dim = self.hidden_size // self.num_attention_heads
-        self.num_patches = (self.image_size // self.patch_size) ** 2
+        self.patches_per_side = self.image_size // self.patch_size  # the patch grid is square
+        self.num_patches = self.patches_per_side**2
         self.num_positions = self.num_patches + 1  # + CLS
 
     @classmethod
