@@ -70,7 +70,7 @@ class TrainConfig:
     augment: bool = False  # RandomResizedCrop(0.5-1) on training images (the paper's recipe)
     horizontal_flip: bool = False  # with augment: also flip (breaks left/right questions and text)
     cache_image_features: bool = False  # cache frozen ViT outputs per image (needs augment: false, train_vision: false)
-    feature_cache_dir: str | None = None  # keep that cache on disk here (reused by later runs); default: in memory
+    feature_cache_dir: str | None = None  # keep that cache on disk here (reused by runs with the same image encoder); default: in memory
     num_workers: int = 0  # DataLoader worker processes per training process
     verify_images: bool = False  # decode every image at load, so unreadable ones are found (and skippable) before training
 

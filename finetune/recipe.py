@@ -29,6 +29,7 @@ from instructblip_core.augment import EvalTransform, TrainTransform
 from instructblip_core.collate import InstructionCollator, answer_token_counter, pad_rows
 from instructblip_core.data import ImageFeatureCache, InstructionDataset, load_records
 from instructblip_core.evaluation import EvalSet, Evaluator
+from instructblip_core.features import weights_fingerprint
 from instructblip_core.generation import GenerationOptions
 from instructblip_core.grounding import GroundedInstructionModel, GroundingModel
 from instructblip_core.loading import load_pretrained
@@ -117,10 +118,15 @@ class Stage1Model(nn.Module):
         return self.pretrainer(image_embeds, text_input_ids, text_attention_mask, **negatives)
 
 
-def feature_cache(config: TrainConfig) -> ImageFeatureCache | None:
+def feature_cache(config: TrainConfig, vision_model: nn.Module) -> ImageFeatureCache | None:
     if not config.cache_image_features:
         return None
-    return ImageFeatureCache(config.feature_cache_dir, namespace=str(Path(config.model).expanduser()))
+    if config.feature_cache_dir is None:
+        return ImageFeatureCache()
+    # On disk the entries are keyed by the frozen encoder's weights, not by the checkpoint's path:
+    # the stages of a recipe (each starting from the previous export, with the same encoder)
+    # share them, and another encoder, even one saved over the same folder, never reads them.
+    return ImageFeatureCache(config.feature_cache_dir, namespace=weights_fingerprint(vision_model))
 
 
 def build_stage1(blip: InstructBlip, config: TrainConfig) -> Stage1Model:
@@ -145,7 +151,7 @@ def build_stage1(blip: InstructBlip, config: TrainConfig) -> Stage1Model:
         set_qformer_dropout(pretrainer.qformer, config.qformer_dropout)
     if config.gradient_checkpointing:
         pretrainer.gradient_checkpointing_enable()
-    return Stage1Model(model.vision_model, pretrainer, feature_cache(config))
+    return Stage1Model(model.vision_model, pretrainer, feature_cache(config, model.vision_model))
 
 
 def prepare_for_grounding(model: nn.Module) -> None:
@@ -170,7 +176,7 @@ def training_module(blip: InstructBlip, config: TrainConfig) -> nn.Module:
     else:
         prepare_for_tuning(blip.model, config)
         module = GroundedInstructionModel(blip.model, config.grounding_weight) if config.grounds else blip.model
-    cache = feature_cache(config)
+    cache = feature_cache(config, blip.model.vision_model)
     return WithCachedImageFeatures(module, cache) if cache is not None else module
 
 

@@ -567,7 +567,8 @@ class ImageFeatureCache:
     Valid only while the vision encoder is frozen and images are preprocessed
     deterministically (no augmentation): the key is a hash of the pixel values, so a random
     crop would never hit, and a trained encoder would make entries stale. `namespace`
-    (e.g. the checkpoint's name) keeps caches of different encoders apart in one folder.
+    (the recipes use `features.weights_fingerprint` of the encoder) keeps caches of different
+    encoders apart in one folder.
     The folder form lets later epochs and later runs skip the ViT entirely.
     """
 

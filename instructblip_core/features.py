@@ -23,6 +23,17 @@ def pixel_key(pixel_values: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """Content hash of a module's weights (names, dtypes, shapes, values): the same for two copies
+    of one encoder wherever they were loaded from, different as soon as one value differs."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class FeatureCache:
     def __init__(self, max_entries: int = 32):
         if max_entries < 0:

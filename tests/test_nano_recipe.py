@@ -36,6 +36,7 @@ def test_every_stage_ran(quick_run):
         assert stage in log
     for stage in ("stage1", "stage2", "grounding", "instruct"):  # --seed reaches the training stages too
         assert "seed: 3" in (out / f"{stage}.yaml").read_text().splitlines(), stage
+    assert any((out / "image_features").rglob("*.safetensors"))  # the stages' shared encodings
     # The grounding stage trains on the grounding loss alone; instruction tuning keeps it beside the LM loss.
     grounded = [json.loads(line) for line in (out / "grounding" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["train/loss"] == m["train/loss_grounding"] for m in grounded if "train/loss" in m)

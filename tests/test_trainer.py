@@ -213,6 +213,24 @@ def test_cached_image_features_give_the_same_training(tiny_checkpoints, words, t
         assert torch.equal(value, got[name]), name
 
 
+def test_a_feature_folder_is_shared_by_checkpoints_with_the_same_image_encoder(tiny_checkpoints, words, tmp_path):
+    """The recipes' stages start from one another's exports with the same frozen encoder: a second
+    stage reads the first one's encodings; another encoder, even at the same path, never does."""
+    import shutil
+
+    first = tiny_checkpoints("instructblip-opt")
+    copy = shutil.copytree(first, tmp_path / "next_stage")  # another folder, the same weights
+    folder = tmp_path / "features"
+    options = dict(cache_image_features=True, feature_cache_dir=str(folder), max_steps=3)
+    one = train_variant(first, words, tmp_path / "one", **options).trainer.unwrapped.cache
+    two = train_variant(copy, words, tmp_path / "two", **options).trainer.unwrapped.cache
+    assert one.misses > 0 and two.misses == 0 and two.hits == 3 * 4
+    shutil.rmtree(copy)
+    shutil.copytree(tiny_checkpoints("instructblip-opt", seed=1), copy)  # another encoder saved over that folder
+    three = train_variant(copy, words, tmp_path / "three", **options).trainer.unwrapped.cache
+    assert three.hits == 0 and three.misses == one.misses
+
+
 def test_stage2_blip2_trains_and_exports(tiny_checkpoints, tmp_path):
     captions = write_caption_dataset(tmp_path / "data")
     config = config_for(tiny_checkpoints("blip2-opt"), captions, tmp_path / "run", stage="stage2", max_steps=3,
