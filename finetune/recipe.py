@@ -223,8 +223,6 @@ def collator(processor: Processor, config: TrainConfig, patch_grid: int | None =
                                region_grid=patch_grid if config.grounds else None)
 
 
-
-
 @dataclass(frozen=True)
 class DataOptions:
     """How data files become datasets (the TrainConfig fields that matter, or evaluate's flags)."""
