@@ -110,6 +110,19 @@ def test_rerun_resumes_instead_of_starting_over(quick_run):
     assert "vision step" not in result.stdout and "text step" not in result.stdout
 
 
+def test_the_same_command_in_another_folder_builds_the_same_model_bit_for_bit(quick_run, tmp_path):
+    """The recipe is repeatable: same --seed, same tokenizers and weights (the Q-Former's WordPiece
+    vocabulary used to differ from run to run, and everything trained after it with it)."""
+    out, _ = quick_run
+    again = tmp_path / "again"
+    result = subprocess.run([sys.executable, "-m", "finetune.nano", "--quick", "--out", str(again), "--seed", "3"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("tokenizers/qformer/tokenizer.json", "tokenizers/llm/tokenizer.json", "vision.safetensors",
+                 "stage1/export/model.safetensors", "grounding/export/model.safetensors", "instruct/export/model.safetensors"):
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name
+
+
 def test_llm_pretraining_batches_are_length_bucketed_samples_of_the_corpus():
     import random
 

@@ -15,7 +15,7 @@ training stage, `finetune.train` resumes from its last checkpoint):
  10. evaluate    every held-in and held-out test set -> results.json, results.md; the frozen LLM
                  told each held-in scene in words -> ceiling.md; chat by number of objects -> competence.md
  --install copies the instruction-tuned export to assets/nano-instructblip with its model card.
-`--quick` runs every stage for a few steps on a few records (minutes; used by the tests).
+`--quick` runs every stage for a few steps on a few records (about 20 s; used by the tests).
 """
 
 from __future__ import annotations
