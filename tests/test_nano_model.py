@@ -79,6 +79,27 @@ def test_chat_answers_what_the_gallery_promises():
         assert sum(asked) / len(asked) >= minimum, (kind, report)
 
 
+def test_competence_command_scores_an_export_with_the_chat_template(tmp_path, capsys):
+    """A stage's export keeps its training template; `python -m finetune.nano.competence EXPORT`
+    must still ask as the installed model is asked (it used to score exports under their
+    training template: colour of a lone object 57% instead of 100% on 30 scenes)."""
+    import json
+    import shutil
+
+    from finetune.nano.competence import main
+    from instructblip_core.prompts import TEMPLATE_KEY, PromptTemplate
+
+    export = Path(shutil.copytree(MODEL, tmp_path / "export"))
+    config = json.loads((export / "config.json").read_text())
+    config[TEMPLATE_KEY] = PromptTemplate().to_dict()  # what an instruction-tuning export carries
+    (export / "config.json").write_text(json.dumps(config))
+    shown = []
+    for model in (MODEL, export):
+        assert main([str(model), "--scenes", "8", "--objects", "1"]) == 0
+        shown.append(capsys.readouterr().out)
+    assert shown[0] == shown[1]
+
+
 def test_answers_are_cut_where_the_llm_goes_on_to_the_next_question():
     assert cut_answer("red Question: What colour is") == "red"
     assert cut_answer("top left Is the circle") == "top left"

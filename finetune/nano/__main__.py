@@ -32,15 +32,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from instructblip_core import load_pretrained
 from instructblip_core.data import InstructionDataset, load_records
 from instructblip_core.images import load_image
-from instructblip_core.prompts import TEMPLATE_KEY, PromptTemplate
+from instructblip_core.prompts import TEMPLATE_KEY
 
 from . import INSTALL_DIR, REPO, build_model
 from .ceiling import ceiling
 from .ceiling import table as ceiling_table
-from .competence import COMPETENCE_OBJECTS, competence, table
+from .competence import CHAT_TEMPLATE, COMPETENCE_OBJECTS, as_installed, competence, table
 from .evaluate import evaluate_all, write_results
 from .pretrain_text import pretrain_text
 from .pretrain_vision import pretrain_vision
@@ -209,19 +208,6 @@ def install(model: Path, work: Path) -> None:
     write_model_card(tmp, work)
     shutil.rmtree(INSTALL_DIR, ignore_errors=True)
     tmp.rename(INSTALL_DIR)
-
-
-# Instruction tuning put every question inside a held-in template, so the shipped model wraps
-# chat questions in one of its short-answer templates: on 400 fresh chat questions (fourth
-# build) this template got 187 right, "Question: {q} Answer:" 169 and the bare question 97.
-CHAT_TEMPLATE = PromptTemplate(raw_first_turn=False, current="Question: {question} Short answer:")
-
-
-def as_installed(model: Path):
-    """The model loaded as users will chat with it: with the chat template that `install` writes."""
-    loaded = load_pretrained(model)
-    loaded.config.extra[TEMPLATE_KEY] = CHAT_TEMPLATE.to_dict()
-    return loaded
 
 
 def finish_config(config_file: Path) -> None:
