@@ -3,9 +3,9 @@
     python -m finetune.nano.competence [MODEL] [--scenes 60] [--objects 1 2 3 4 5]
 
 The evaluation (evaluate.py) scores each dataset as a whole; this asks the questions a user
-of the app asks, through the app's route (`ChatSession`: the model's chat template, greedy),
-on fresh scenes of exactly n objects, so the table shows where the model can be trusted and
-where it cannot. Scenes come from their own seed stream ("competence/n/i"), which no training,
+of the app asks, through the app's route (`ChatSession`: the chat template `install` writes,
+also for a stage's export, greedy), on fresh scenes of exactly n objects, so the table shows
+where the model can be trusted and where it cannot. Scenes come from their own seed stream ("competence/n/i"), which no training,
 test or fresh set draws from; they have no text on them (reading is scored by the evaluation).
 Each question is about one object, named as the datasets name it ("the small square", "the
 star at the top left"), and is scored by VQA accuracy against its one right answer.
