@@ -220,7 +220,7 @@ def collator(processor: Processor, config: TrainConfig, patch_grid: int | None =
     if config.grounds and patch_grid is None:
         raise ValueError("a grounding run needs the image encoder's patch grid to turn regions into patch masks")
     return InstructionCollator(processor, max_prompt_tokens=config.max_prompt_tokens, max_answer_tokens=config.max_answer_tokens,
-                               region_grid=patch_grid if config.grounds else None)
+                               region_grid=patch_grid if config.grounds else None, llm_inputs=config.stage != "grounding")
 
 
 @dataclass(frozen=True)

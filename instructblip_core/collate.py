@@ -55,8 +55,13 @@ class InstructionCollator:
         max_answer_tokens: int = 256,
         is_encoder_decoder: bool | None = None,
         region_grid: int | None = None,
+        llm_inputs: bool = True,
     ):
         self.processor = processor
+        # False for the grounding stage, which never runs the LLM: its batches then carry only the
+        # images, the Q-Former's instruction and the region masks (tokenizing prompts and answers
+        # was about a fifth of that stage's data time, for ids it threw away).
+        self.llm_inputs = llm_inputs
         # Set (the image encoder's patches per side) when training with the grounding loss: items'
         # "regions" then become `region_masks` (B, K, 1 + grid*grid). Unset, regions are ignored,
         # so the same data also feeds evaluation and plain instruction tuning.
@@ -112,17 +117,17 @@ class InstructionCollator:
             missing = [k for k in ITEM_KEYS if k not in item]
             if missing:
                 raise KeyError(f"{item.get('source', 'an item')}: missing {missing} (items need {list(ITEM_KEYS)})")
-        prompts = [self.prompt_ids(it["prompt"], it["source"]) for it in items]
-        answers = [self.answer_ids(it["prompt"], it["answer"], it["source"]) for it in items]
-        if self.is_encoder_decoder:
-            batch = self._encoder_decoder(prompts, answers)
-        else:
-            batch = self._decoder_only(prompts, answers)
+        batch = self._llm_batch(items) if self.llm_inputs else {}
         batch["pixel_values"] = _stack_pixels(items)
         batch.update(self.processor.tokenize_instructions([it["qformer_text"] for it in items]))
         if self.region_grid is not None and any(it.get("regions") for it in items):
             batch["region_masks"] = region_masks([it.get("regions") or [] for it in items], self.region_grid)  # (B, K, N+1)
         return batch
+
+    def _llm_batch(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        prompts = [self.prompt_ids(it["prompt"], it["source"]) for it in items]
+        answers = [self.answer_ids(it["prompt"], it["answer"], it["source"]) for it in items]
+        return self._encoder_decoder(prompts, answers) if self.is_encoder_decoder else self._decoder_only(prompts, answers)
 
     def _decoder_only(self, prompts: list[list[int]], answers: list[list[int]]) -> dict[str, torch.Tensor]:
         sequences = [p + a for p, a in zip(prompts, answers)]

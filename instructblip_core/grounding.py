@@ -145,7 +145,7 @@ class GroundingModel(nn.Module):
         return self.model.encode_images(pixel_values)
 
     def forward(self, region_masks: torch.Tensor | None = None, pixel_values=None, image_embeds=None,
-                qformer_input_ids=None, qformer_attention_mask=None, **_llm_inputs) -> GroundedOutput:
+                qformer_input_ids=None, qformer_attention_mask=None) -> GroundedOutput:
         features = _attended_features(self.model, pixel_values, image_embeds, qformer_input_ids, qformer_attention_mask)
         grounding = None if region_masks is None else grounding_loss(features.cross_attentions, region_masks)
         if grounding is None:

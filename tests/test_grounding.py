@@ -90,6 +90,11 @@ def test_the_collator_turns_regions_into_patch_masks_only_when_asked(tiny_checkp
     assert left.sum() == right.sum() == grid * grid / 2 and not (left * right).any()
     assert batch["region_masks"][1].sum() == 0  # the record without regions adds nothing to the loss
     assert "region_masks" not in InstructionCollator(blip.processor)(items)  # evaluation batches stay as they were
+    # The grounding stage never runs the LLM: its batches carry no LLM ids, and the same masks.
+    grounding = InstructionCollator(blip.processor, region_grid=grid, llm_inputs=False)(items)
+    assert set(grounding) == {"pixel_values", "qformer_input_ids", "qformer_attention_mask", "region_masks"}
+    assert torch.equal(grounding["region_masks"], batch["region_masks"])
+    assert torch.equal(grounding["qformer_input_ids"], batch["qformer_input_ids"])
 
 
 NAMED = {"red": (255, 0, 0), "purple": (128, 0, 128), "black": (0, 0, 0)}  # words of the tiny tokenizers
