@@ -39,6 +39,7 @@ from instructblip_core.processing import Processor
 from instructblip_core.prompts import QFORMER_INSTRUCTION_KEY, TEMPLATE_KEY, PromptTemplate
 from instructblip_core.qformer import QFormerMultiHeadAttention
 from instructblip_core.stage1 import QFormerPretrainer
+from instructblip_core.wrapper import ModelWrapper, unwrap
 
 from .config import ConfigError, TrainConfig
 
@@ -82,12 +83,11 @@ def prepare_for_tuning(model: nn.Module, config: TrainConfig) -> None:
     _trainable_in_float32(model)
 
 
-class WithCachedImageFeatures(nn.Module):
+class WithCachedImageFeatures(ModelWrapper):
     """`model(**batch)` with the frozen image encoder's outputs looked up instead of recomputed."""
 
     def __init__(self, model: nn.Module, cache: ImageFeatureCache):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.cache = cache
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -366,8 +366,7 @@ def export(config: TrainConfig, trained: nn.Module, out: str | os.PathLike) -> P
 
 
 def _copy_trainable(trained: nn.Module, target: nn.Module, config: TrainConfig) -> None:
-    while isinstance(trained, (WithCachedImageFeatures, GroundingModel, GroundedInstructionModel)):
-        trained = trained.model  # the wrappers' weights are the model's
+    trained = unwrap(trained)
     if config.lora:
         add_lora(target, lora_settings(config))
     params = dict(target.named_parameters())

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .wrapper import ModelWrapper
+
 Region = tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of the image side
 MIN_PATCH_COVER = 0.25  # a patch belongs to a region when the box covers this share of it
 EPS = 1e-6  # keeps the log finite when a region gets no attention at all
@@ -104,7 +106,7 @@ def _attended_features(model: nn.Module, pixel_values, image_embeds, qformer_inp
     return model.visual_features(image_embeds, qformer_input_ids, qformer_attention_mask, output_cross_attentions=True)
 
 
-class GroundedInstructionModel(nn.Module):
+class GroundedInstructionModel(ModelWrapper):
     """Instruction tuning with the grounding loss added: loss = LM + weight * grounding.
 
     Batches without regions (and video batches, whose records carry none) train on the LM
@@ -114,12 +116,8 @@ class GroundedInstructionModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, weight: float):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.weight = weight
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_images(pixel_values)
 
     def forward(self, region_masks: torch.Tensor | None = None, pixel_values=None, image_embeds=None,
                 qformer_input_ids=None, qformer_attention_mask=None, **batch) -> GroundedOutput:
@@ -134,15 +132,8 @@ class GroundedInstructionModel(nn.Module):
         return GroundedOutput(out.logits, out.loss + self.weight * grounding, loss_lm=out.loss, loss_grounding=grounding)
 
 
-class GroundingModel(nn.Module):
+class GroundingModel(ModelWrapper):
     """The grounding stage: the Q-Former and its queries on the grounding loss alone (no LLM pass)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_images(pixel_values)
 
     def forward(self, region_masks: torch.Tensor | None = None, pixel_values=None, image_embeds=None,
                 qformer_input_ids=None, qformer_attention_mask=None) -> GroundedOutput:
