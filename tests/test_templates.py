@@ -62,11 +62,25 @@ def test_placeholders_match_what_each_task_needs():
     assert template_fields("question_generation") == {"answer"}
 
 
+# How chat users and the held-out dialogues ask; the paper's VQA templates begin with the bare
+# question too. A model tuned without them rambles when asked so (README, the tenth build).
+BARE_QUESTIONS = ["{question}", "Question: {question} Answer:"]
+ASKED_BARE = {"short_vqa", "yes_no", "counting", "spatial"}
+
+
 def test_short_answer_tasks_ask_for_short_answers():
     assert SHORT_TASKS_REQUIRED <= SHORT_ANSWER_TASKS
     for task in SHORT_ANSWER_TASKS:
-        for template in templates_for(task):
+        asking = [t for t in templates_for(task) if t not in BARE_QUESTIONS]
+        assert len(asking) >= 10, task
+        for template in asking:
             assert BREVITY.search(template), f"{task} template does not ask for a short answer: {template!r}"
+
+
+def test_question_answering_tasks_also_see_the_bare_question():
+    assert ASKED_BARE <= SHORT_ANSWER_TASKS
+    for task in ASKED_BARE:
+        assert set(BARE_QUESTIONS) <= set(templates_for(task)), task
 
 
 def test_long_answer_templates_do_not_ask_for_short_answers():
