@@ -26,7 +26,7 @@ STARS = EXAMPLES / "three_yellow_stars.png"
 # (question, image or None for the sticky one, words of which one is right). The shipped model
 # answers the colour and size of a lone object, and counts one to three objects, about every
 # time; since the eighth build (grounding) it also names one object's colour among two or three
-# in 83-97% of fresh scenes (README), so the conversation asks that once too.
+# in 87-97% of fresh scenes (README), so the conversation asks that once too.
 CONVERSATION = [
     ("What colour is the circle?", CIRCLE, ["red"]),
     ("What size is the circle?", None, ["large"]),
