@@ -3,9 +3,12 @@
 Each variant is instruction-tuned with the same steps as the full recipe (or not tuned at all),
 then evaluated on the same test sets. They start from the full recipe's grounding stage and keep
 its grounding loss, except no_instruction: a Q-Former that reads no instruction cannot be told
-where to look, so it starts from the stage-2 model and trains on the LM loss alone.
+where to look, so it starts from the stage-2 model and trains on the LM loss alone. So that
+(1) against (2) is not also grounding against none, no_grounding is the paper's full model:
+instruction-aware, from the stage-2 model, LM loss alone.
   full             the full recipe's model (`python -m finetune.nano` first)
   no_instruction   the Q-Former never reads the instruction (BLIP-2-style visual features)
+  no_grounding     the Q-Former reads the instruction but was never taught where to look
   proportional     datasets sampled in proportion to their size instead of sqrt-balanced
   task_tags        multitask training without instructions: "[short_vqa] what colour ...?";
                    held-in sets are evaluated with the tags, held-out ones with instructions
@@ -26,9 +29,10 @@ from .evaluate import evaluate_all, results_table
 from .splits import load_manifest
 from .stages import run_stage
 
-VARIANTS = ("full", "no_instruction", "proportional", "task_tags", "stage2")
+VARIANTS = ("full", "no_instruction", "proportional", "task_tags", "stage2", "no_grounding")
 TRAINING = {
     "no_instruction": dict(qformer_instruction=False, grounding_weight=0.0),
+    "no_grounding": dict(grounding_weight=0.0),
     "proportional": dict(sampling="proportional"),
     "task_tags": dict(prompt_style="task_tag"),
 }
@@ -36,6 +40,7 @@ EVALUATION = {
     "no_instruction": dict(qformer_instruction=False),
     "task_tags": dict(held_in_style="task_tag"),
 }
+FROM_STAGE2 = {"no_instruction", "no_grounding"}  # the others start from the grounding stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         elif variant == "stage2":
             model = stage2
         else:
-            start = stage2 if variant == "no_instruction" else grounded
+            start = stage2 if variant in FROM_STAGE2 else grounded
             model = run_stage("instruct", start, work, manifest, steps, log, quick=args.quick,
                               folder=f"ablation_{variant}", seed=args.seed, **TRAINING[variant])
         results[variant] = evaluate_all(model, manifest, quick=args.quick, **EVALUATION.get(variant, {}))
