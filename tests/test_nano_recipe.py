@@ -134,19 +134,21 @@ def test_ablations_train_each_variant_from_its_start_with_its_settings(quick_run
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     header = (out / "ablations.md").read_text().splitlines()[0]
-    assert header == "| dataset | split | task | metric | full | no_instruction | proportional | task_tags | stage2 | no_grounding |"
+    assert header == ("| dataset | split | task | metric | full | no_instruction | proportional | task_tags | stage2 | "
+                      "no_grounding | task_tags_no_grounding |")
     config = {v: yaml.safe_load((out / f"ablation_{v}.yaml").read_text())
-              for v in ("no_instruction", "no_grounding", "proportional", "task_tags")}
+              for v in ("no_instruction", "no_grounding", "task_tags_no_grounding", "proportional", "task_tags")}
     stage2, grounded = str(out / "stage2" / "export"), str(out / "grounding" / "export")
-    assert [config[v]["model"] for v in config] == [stage2, stage2, grounded, grounded]
+    assert [config[v]["model"] for v in config] == [stage2, stage2, stage2, grounded, grounded]
     assert config["no_instruction"]["qformer_instruction"] is False
     assert config["no_grounding"].get("qformer_instruction", True) is True
-    assert config["no_instruction"]["grounding_weight"] == config["no_grounding"]["grounding_weight"] == 0.0
+    assert {config[v]["grounding_weight"] for v in ("no_instruction", "no_grounding", "task_tags_no_grounding")} == {0.0}
     assert config["proportional"]["grounding_weight"] > 0 and config["proportional"]["sampling"] == "proportional"
-    assert config["task_tags"]["prompt_style"] == "task_tag"
+    assert config["task_tags"]["prompt_style"] == config["task_tags_no_grounding"]["prompt_style"] == "task_tag"
     assert {c["seed"] for c in config.values()} == {3}
     ablations = json.loads((out / "ablations.json").read_text())
-    assert list(ablations) == ["full", "no_instruction", "proportional", "task_tags", "stage2", "no_grounding"]
+    assert list(ablations) == ["full", "no_instruction", "proportional", "task_tags", "stage2", "no_grounding",
+                               "task_tags_no_grounding"]
     assert ablations["full"] == json.loads((out / "results.json").read_text())  # the recipe's own evaluation
 
 

@@ -1,18 +1,20 @@
 """The paper's ablations, in miniature: `python -m finetune.nano.ablations [--out runs/nano]`.
 
 Each variant is instruction-tuned with the same steps as the full recipe (or not tuned at all),
-then evaluated on the same test sets. They start from the full recipe's grounding stage and keep
-its grounding loss, except no_instruction: a Q-Former that reads no instruction cannot be told
-where to look, so it starts from the stage-2 model and trains on the LM loss alone. So that
-(1) against (2) is not also grounding against none, no_grounding is the paper's full model:
-instruction-aware, from the stage-2 model, LM loss alone.
-  full             the full recipe's model (`python -m finetune.nano` first)
-  no_instruction   the Q-Former never reads the instruction (BLIP-2-style visual features)
-  no_grounding     the Q-Former reads the instruction but was never taught where to look
-  proportional     datasets sampled in proportion to their size instead of sqrt-balanced
-  task_tags        multitask training without instructions: "[short_vqa] what colour ...?";
-                   held-in sets are evaluated with the tags, held-out ones with instructions
-  stage2           the stage-2 model before instruction tuning
+then evaluated on the same test sets. The full recipe adds a grounding stage the paper does not
+have, so there are two families. proportional and task_tags start from the full recipe's
+grounding stage and keep its grounding loss. The others start from the stage-2 model and train
+on the LM loss alone, as in the paper: no_instruction (a Q-Former that reads no instruction
+cannot be told where to look), and the paper's own full model and its task-tag ablation.
+  full                    the full recipe's model (`python -m finetune.nano` first)
+  no_instruction          the Q-Former never reads the instruction (BLIP-2-style visual features)
+  proportional            datasets sampled in proportion to their size instead of sqrt-balanced
+  task_tags               multitask training without instructions: "[short_vqa] what colour ...?";
+                          held-in sets are evaluated with the tags, held-out ones with instructions
+  stage2                  the stage-2 model before instruction tuning
+  no_grounding            the paper's full model: the Q-Former reads the instruction, but was
+                          never taught where to look
+  task_tags_no_grounding  task_tags beside no_grounding: from the stage-2 model, LM loss alone
 Writes <out>/ablations.json and <out>/ablations.md.
 """
 
@@ -29,18 +31,20 @@ from .evaluate import evaluate_all, results_table
 from .splits import load_manifest
 from .stages import run_stage
 
-VARIANTS = ("full", "no_instruction", "proportional", "task_tags", "stage2", "no_grounding")
+VARIANTS = ("full", "no_instruction", "proportional", "task_tags", "stage2", "no_grounding", "task_tags_no_grounding")
 TRAINING = {
     "no_instruction": dict(qformer_instruction=False, grounding_weight=0.0),
     "no_grounding": dict(grounding_weight=0.0),
     "proportional": dict(sampling="proportional"),
     "task_tags": dict(prompt_style="task_tag"),
+    "task_tags_no_grounding": dict(prompt_style="task_tag", grounding_weight=0.0),
 }
 EVALUATION = {
     "no_instruction": dict(qformer_instruction=False),
     "task_tags": dict(held_in_style="task_tag"),
+    "task_tags_no_grounding": dict(held_in_style="task_tag"),
 }
-FROM_STAGE2 = {"no_instruction", "no_grounding"}  # the others start from the grounding stage
+FROM_STAGE2 = {"no_instruction", "no_grounding", "task_tags_no_grounding"}  # the others start from the grounding stage
 
 
 def main(argv: list[str] | None = None) -> int:
