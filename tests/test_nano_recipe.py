@@ -125,8 +125,8 @@ def test_the_same_command_in_another_folder_builds_the_same_model_bit_for_bit(qu
 
 def test_ablations_train_each_variant_from_its_start_with_its_settings(quick_run):
     """`python -m finetune.nano.ablations`: the paper's variants beside the full model, each a real
-    instruction-tuning run; (2) and the ungrounded full model start from stage 2, so that (1) against
-    (2) can be told apart from grounding against none."""
+    instruction-tuning run. (2) and the paper's ungrounded full and task-tag models start from stage
+    2, so that the instruction's effect can be told apart from grounding's."""
     import yaml
 
     out, _ = quick_run
