@@ -44,7 +44,10 @@ Each question is about one object, named as the training questions name it ("the
 Trust it where a row is near 100%; the app's examples gallery asks only such questions.
 Since its Q-Former was trained to look at the object a question names (grounding, below), it
 answers about one object among several far better than before, though less well the more
-objects there are. Places and counts of more than three objects are weak.
+objects there are. Places and counts of more than three objects are weak. Because it looks at
+the object a question names, it answers a question about the object *next to* a named one
+("What colour is the object to the left of the square?") mostly with the named object's own
+colour, shape or size.
 
 ## Where it stands against its LLM
 
