@@ -52,7 +52,7 @@ class Budget:
     """Steps of each stage: full recipe (<= 45 min on 2 cores) or --quick (a smoke run)."""
 
     def __init__(self, quick: bool):
-        full = dict(vision=3000, text=3000, stage1=250, stage2=300, grounding=600, instruct=1400)
+        full = dict(vision=3000, text=3000, stage1=250, stage2=300, grounding=600, instruct=2000)
         self.steps = {k: 4 for k in full} if quick else full
         self.quick = quick
 
