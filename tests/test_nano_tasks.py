@@ -18,10 +18,11 @@ from finetune.nano.splits import (
     resolve_sizes, scene_key, text_corpus,
 )
 from finetune.nano.tasks import (
-    attribute_qa, box, caption_record, compositional_qa, counting_qa, dialogue_turns, main_object, multiple_choice_qa,
+    attribute_qa, box, caption_record, compositional_anchor, compositional_qa, counting_qa, dialogue_turns, main_object, multiple_choice_qa,
     ocr_by_place_qa, ocr_qa, qa_record, spatial_qa, video_qa, yes_no_qa,
 )
-from finetune.nano.phrases import caption, counted_caption
+from finetune.nano.evaluate import answer_sources
+from finetune.nano.phrases import caption, counted_caption, refer
 from finetune.nano.world import COLOURS, DIGITS, SHAPES, SceneStats, make_clip, make_scene
 from instructblip_core.augment import EvalTransform
 from instructblip_core.data import InstructionDataset, load_records
@@ -322,6 +323,44 @@ def test_written_records_carry_answers_that_follow_from_their_scenes(built):
             scene = make_scene(record["seed"], stats)
             assert read(scene, record["question"]) == record["answer"]
             assert record["n_objects"] == len(scene.objects)
+
+
+def test_compositional_anchor_is_the_object_the_question_names():
+    found = 0
+    for scene, rng in scenes(CLUTTERED, prefix="anchor"):
+        qa = compositional_qa(scene, rng)
+        if qa is None:
+            continue
+        anchor = compositional_anchor(scene, qa.question)
+        assert anchor is not None, qa.question
+        assert qa.question.lower().endswith(refer(scene, anchor, avoid={"place"}).lower() + "?")
+        found += 1
+        # The same scene asked about something else names no neighbour relation.
+        assert compositional_anchor(scene, "What colour is the object?") is None
+    assert found >= 0.8 * N
+
+
+def test_compositional_answers_are_sorted_into_right_named_object_and_other(built):
+    entry = next(e for e in built.entries if e.name == "vqa_compositional" and e.part == "test")
+    lines = [json.loads(line) for line in (built.root / entry.path).read_text().splitlines()]
+    stats = next(p.stats for p in DATASETS if p.name == entry.name)
+    expected = collections.Counter()
+    rows = []
+    for k, line in enumerate(lines):
+        scene = make_scene(line["seed"], stats)
+        named = getattr(compositional_anchor(scene, line["question"]), line["kind"].removeprefix("relational_"))
+        if k % 3 == 0:
+            rows.append({"prediction": line["answer"].capitalize() + "."})  # case and full stop do not matter
+            expected["right"] += 1
+        elif k % 3 == 1 and named != line["answer"]:
+            rows.append({"prediction": named})
+            expected["named_object"] += 1
+        else:
+            rows.append({"prediction": "banana"})
+            expected["other"] += 1
+    assert expected["named_object"] >= 1
+    assert answer_sources(rows, lines) == {"right": expected["right"], "named_object": expected["named_object"],
+                                           "other": expected["other"]}
 
 
 def test_held_in_and_held_out_like_the_paper(built):

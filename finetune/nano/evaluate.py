@@ -17,8 +17,9 @@ from instructblip_core.generation import GenerationOptions
 from instructblip_core.loading import load_pretrained
 from instructblip_core.metrics import vqa_accuracy
 
-from .splits import HELD_IN
-from .world import SHAPES
+from .splits import HELD_IN, PLANS
+from .tasks import compositional_anchor
+from .world import SHAPES, make_scene
 
 EVAL_PROMPT_SEED = 1234  # which template each test record is asked with: the same in every evaluation
 
@@ -57,6 +58,9 @@ def evaluate_all(
             kinds = [json.loads(line).get("kind") for line in (manifest.root / entry.path).read_text().splitlines() if line]
             if any(kinds):
                 results[entry.name]["by_kind"] = accuracy_by_kind(rows, kinds)
+        if entry.name == "vqa_compositional":
+            lines = [json.loads(line) for line in (manifest.root / entry.path).read_text().splitlines() if line]
+            results[entry.name]["answer_sources"] = answer_sources(rows, lines)
     return results
 
 
@@ -68,6 +72,26 @@ def accuracy_by_kind(rows: list[dict], kinds: list[str | None]) -> dict[str, dic
         if kind:
             scores.setdefault(kind, []).append(vqa_accuracy(row["prediction"], [row["answer"]]))
     return {kind: {"value": sum(v) / len(v), "n": len(v)} for kind, v in sorted(scores.items())}
+
+
+def answer_sources(rows: list[dict], lines: list[dict]) -> dict[str, int]:
+    """vqa_compositional asks about the neighbour of a named object ("What colour is the object to
+    the left of the blue square?"). Counts the answers that are right, that give the named object's
+    own attribute instead (the model looked at the object the question names), and the others.
+    rows: the evaluator's predictions; lines: the test records (with their scene seeds), in order."""
+    counts = {"right": 0, "named_object": 0, "other": 0}
+    stats = PLANS["vqa_compositional"].stats
+    for row, line in zip(rows, lines):
+        answer = row["prediction"].strip().lower().rstrip(".")
+        anchor = compositional_anchor(make_scene(line["seed"], stats), line["question"])
+        attribute = line["kind"].removeprefix("relational_")
+        if answer == line["answer"]:
+            counts["right"] += 1
+        elif anchor is not None and answer == getattr(anchor, attribute):
+            counts["named_object"] += 1
+        else:
+            counts["other"] += 1
+    return counts
 
 
 def held_out_average(results: dict, exclude_metric: str = "cider") -> float:

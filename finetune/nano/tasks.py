@@ -340,6 +340,18 @@ def compositional_qa(scene: Scene, rng: random.Random) -> QA | None:
     return QA(question, getattr(other, attribute), f"relational_{attribute}")
 
 
+def compositional_anchor(scene: Scene, question: str) -> SceneObject | None:
+    """The object a compositional question names ("... to the left of the blue square?" -> the
+    blue square), found by wording every unique neighbour relation of the scene as the question
+    does; None when none matches. Scores whether a model answers about the named object instead
+    of its neighbour (evaluate.answer_sources)."""
+    asked = question.lower()
+    for anchor, relation, _, ref in _unique_neighbours(scene):
+        if asked.endswith(f"the object {RELATION_PHRASES[relation]} {ref}?".lower()):
+            return anchor
+    return None
+
+
 def dialogue_turns(scene: Scene, rng: random.Random) -> list[tuple[str, str]] | None:
     """2-3 turns of a conversation where later questions lean on earlier ones ("what colour is it?")."""
     patterns = [_coreference_dialogue, _counting_dialogue, _ellipsis_dialogue]
