@@ -21,7 +21,7 @@ from finetune.nano.tasks import (
     attribute_qa, box, caption_record, compositional_anchor, compositional_qa, counting_qa, dialogue_turns, main_object, multiple_choice_qa,
     ocr_by_place_qa, ocr_qa, qa_record, spatial_qa, video_qa, yes_no_qa,
 )
-from finetune.nano.evaluate import answer_sources
+from finetune.nano.evaluate import answer_sources, one_object_turns
 from finetune.nano.phrases import caption, counted_caption, refer
 from finetune.nano.world import COLOURS, DIGITS, SHAPES, SceneStats, make_clip, make_scene
 from instructblip_core.augment import EvalTransform
@@ -361,6 +361,24 @@ def test_compositional_answers_are_sorted_into_right_named_object_and_other(buil
     assert expected["named_object"] >= 1
     assert answer_sources(rows, lines) == {"right": expected["right"], "named_object": expected["named_object"],
                                            "other": expected["other"]}
+
+
+def test_dialogue_turns_about_one_object_are_scored_by_scene_size(built):
+    entry = next(e for e in built.entries if e.name == "dialogue" and e.part == "test")
+    lines = [json.loads(line) for line in (built.root / entry.path).read_text().splitlines()]
+    turns = [(c["value"], line["n_objects"]) for line in lines for c in line["conversations"] if c["from"] == "gpt"]
+    rows = [{"answer": answer, "prediction": answer if k % 2 == 0 else "banana"} for k, (answer, _) in enumerate(turns)]
+    expected = {"1-2 objects": [], "3-5 objects": []}
+    for k, (answer, n) in enumerate(turns):
+        if answer in set(COLOURS) | set(SHAPES) | {"small", "large"}:  # one object's colour, shape or size
+            expected["1-2 objects" if n <= 2 else "3-5 objects"].append(float(k % 2 == 0))
+    scored = one_object_turns(rows, lines)
+    assert sum(len(v) for v in expected.values()) >= 1
+    for group, values in expected.items():
+        assert scored[group]["n"] == len(values)
+        assert scored[group]["value"] == pytest.approx(sum(values) / len(values) if values else 0.0)
+    with pytest.raises(ValueError, match="dialogue turns"):
+        one_object_turns(rows[:-1], lines)
 
 
 def test_held_in_and_held_out_like_the_paper(built):

@@ -19,7 +19,7 @@ from instructblip_core.metrics import vqa_accuracy
 
 from .splits import HELD_IN, PLANS
 from .tasks import compositional_anchor
-from .world import SHAPES, make_scene
+from .world import COLOURS, SHAPES, SIZES, make_scene
 
 EVAL_PROMPT_SEED = 1234  # which template each test record is asked with: the same in every evaluation
 
@@ -61,6 +61,9 @@ def evaluate_all(
         if entry.name == "vqa_compositional":
             lines = [json.loads(line) for line in (manifest.root / entry.path).read_text().splitlines() if line]
             results[entry.name]["answer_sources"] = answer_sources(rows, lines)
+        if entry.task == "dialogue":
+            lines = [json.loads(line) for line in (manifest.root / entry.path).read_text().splitlines() if line]
+            results[entry.name]["one_object_turns"] = one_object_turns(rows, lines)
     return results
 
 
@@ -92,6 +95,25 @@ def answer_sources(rows: list[dict], lines: list[dict]) -> dict[str, int]:
         else:
             counts["other"] += 1
     return counts
+
+
+ONE_OBJECT_ANSWERS = frozenset(COLOURS) | frozenset(SHAPES) | frozenset(SIZES)
+
+
+def one_object_turns(rows: list[dict], lines: list[dict]) -> dict[str, dict]:
+    """Held-out dialogue turns that ask one object's colour, shape or size ("What colour is the
+    square at the top right?", "And the square at the top?", "What shape is the yellow one?"),
+    scored apart for scenes of 1-2 and of 3-5 objects: where the question must pick one object
+    out of clutter. rows: the evaluator's predictions, one per turn; lines: the dialogue records.
+    -> {"1-2 objects": {value, n}, "3-5 objects": {value, n}}"""
+    objects = [line["n_objects"] for line in lines for _ in range(len(line["conversations"]) // 2)]
+    if len(objects) != len(rows):
+        raise ValueError(f"{len(rows)} predictions for {len(objects)} dialogue turns")
+    scores: dict[str, list[float]] = {"1-2 objects": [], "3-5 objects": []}
+    for row, n in zip(rows, objects):
+        if row["answer"] in ONE_OBJECT_ANSWERS:
+            scores["1-2 objects" if n <= 2 else "3-5 objects"].append(vqa_accuracy(row["prediction"], [row["answer"]]))
+    return {group: {"value": sum(v) / len(v) if v else 0.0, "n": len(v)} for group, v in scores.items()}
 
 
 def held_out_average(results: dict, exclude_metric: str = "cider") -> float:
