@@ -377,8 +377,12 @@ def test_dialogue_turns_about_one_object_are_scored_by_scene_size(built):
     for group, values in expected.items():
         assert scored[group]["n"] == len(values)
         assert scored[group]["value"] == pytest.approx(sum(values) / len(values) if values else 0.0)
+    # A capped evaluation (the recipe's --quick) scores its first turns only.
+    first = one_object_turns(rows[:3], lines)
+    assert sum(group["n"] for group in first.values()) == sum(answer in set(COLOURS) | set(SHAPES) | {"small", "large"}
+                                                               for answer, _ in turns[:3])
     with pytest.raises(ValueError, match="dialogue turns"):
-        one_object_turns(rows[:-1], lines)
+        one_object_turns(rows + rows[:1], lines)
 
 
 def test_held_in_and_held_out_like_the_paper(built):

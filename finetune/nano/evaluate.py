@@ -104,10 +104,11 @@ def one_object_turns(rows: list[dict], lines: list[dict]) -> dict[str, dict]:
     """Held-out dialogue turns that ask one object's colour, shape or size ("What colour is the
     square at the top right?", "And the square at the top?", "What shape is the yellow one?"),
     scored apart for scenes of 1-2 and of 3-5 objects: where the question must pick one object
-    out of clutter. rows: the evaluator's predictions, one per turn; lines: the dialogue records.
+    out of clutter. rows: the evaluator's predictions, one per turn, in order (the first turns
+    only when the evaluation was capped); lines: the dialogue records.
     -> {"1-2 objects": {value, n}, "3-5 objects": {value, n}}"""
     objects = [line["n_objects"] for line in lines for _ in range(len(line["conversations"]) // 2)]
-    if len(objects) != len(rows):
+    if len(rows) > len(objects):
         raise ValueError(f"{len(rows)} predictions for {len(objects)} dialogue turns")
     scores: dict[str, list[float]] = {"1-2 objects": [], "3-5 objects": []}
     for row, n in zip(rows, objects):
