@@ -368,9 +368,10 @@ def test_dialogue_turns_about_one_object_are_scored_by_scene_size(built):
     lines = [json.loads(line) for line in (built.root / entry.path).read_text().splitlines()]
     turns = [(c["value"], line["n_objects"]) for line in lines for c in line["conversations"] if c["from"] == "gpt"]
     rows = [{"answer": answer, "prediction": answer if k % 2 == 0 else "banana"} for k, (answer, _) in enumerate(turns)]
+    one_object = set(COLOURS) | set(SHAPES) | {"small", "large"}  # one object's colour, shape or size
     expected = {"1-2 objects": [], "3-5 objects": []}
     for k, (answer, n) in enumerate(turns):
-        if answer in set(COLOURS) | set(SHAPES) | {"small", "large"}:  # one object's colour, shape or size
+        if answer in one_object:
             expected["1-2 objects" if n <= 2 else "3-5 objects"].append(float(k % 2 == 0))
     scored = one_object_turns(rows, lines)
     assert sum(len(v) for v in expected.values()) >= 1
@@ -379,8 +380,7 @@ def test_dialogue_turns_about_one_object_are_scored_by_scene_size(built):
         assert scored[group]["value"] == pytest.approx(sum(values) / len(values) if values else 0.0)
     # A capped evaluation (the recipe's --quick) scores its first turns only.
     first = one_object_turns(rows[:3], lines)
-    assert sum(group["n"] for group in first.values()) == sum(answer in set(COLOURS) | set(SHAPES) | {"small", "large"}
-                                                               for answer, _ in turns[:3])
+    assert sum(group["n"] for group in first.values()) == sum(answer in one_object for answer, _ in turns[:3])
     with pytest.raises(ValueError, match="dialogue turns"):
         one_object_turns(rows + rows[:1], lines)
 

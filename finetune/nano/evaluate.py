@@ -15,7 +15,7 @@ from instructblip_core.data import InstructionDataset, load_records
 from instructblip_core.evaluation import EvalSet, Evaluator
 from instructblip_core.generation import GenerationOptions
 from instructblip_core.loading import load_pretrained
-from instructblip_core.metrics import vqa_accuracy
+from instructblip_core.metrics import normalize_answer, vqa_accuracy
 
 from .splits import HELD_IN, PLANS
 from .tasks import compositional_anchor
@@ -54,15 +54,14 @@ def evaluate_all(
         rows = report.predictions[entry.name]
         results[entry.name] = {"split": entry.split, "task": entry.task, "metric": eval_set.metric, "value": value,
                                "n": len(rows), "mirrors": entry.mirrors, "examples": rows[:3]}
+        lines = [json.loads(line) for line in (manifest.root / entry.path).read_text().splitlines() if line]
         if eval_set.metric == "vqa_accuracy":
-            kinds = [json.loads(line).get("kind") for line in (manifest.root / entry.path).read_text().splitlines() if line]
+            kinds = [line.get("kind") for line in lines]
             if any(kinds):
                 results[entry.name]["by_kind"] = accuracy_by_kind(rows, kinds)
         if entry.name == "vqa_compositional":
-            lines = [json.loads(line) for line in (manifest.root / entry.path).read_text().splitlines() if line]
             results[entry.name]["answer_sources"] = answer_sources(rows, lines)
         if entry.task == "dialogue":
-            lines = [json.loads(line) for line in (manifest.root / entry.path).read_text().splitlines() if line]
             results[entry.name]["one_object_turns"] = one_object_turns(rows, lines)
     return results
 
@@ -85,12 +84,12 @@ def answer_sources(rows: list[dict], lines: list[dict]) -> dict[str, int]:
     counts = {"right": 0, "named_object": 0, "other": 0}
     stats = PLANS["vqa_compositional"].stats
     for row, line in zip(rows, lines):
-        answer = row["prediction"].strip().lower().rstrip(".")
+        answer = normalize_answer(row["prediction"])  # as the set's metric compares it
         anchor = compositional_anchor(make_scene(line["seed"], stats), line["question"])
         attribute = line["kind"].removeprefix("relational_")
-        if answer == line["answer"]:
+        if answer == normalize_answer(line["answer"]):
             counts["right"] += 1
-        elif anchor is not None and answer == getattr(anchor, attribute):
+        elif anchor is not None and answer == normalize_answer(getattr(anchor, attribute)):
             counts["named_object"] += 1
         else:
             counts["other"] += 1
