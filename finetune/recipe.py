@@ -39,7 +39,7 @@ from instructblip_core.processing import Processor
 from instructblip_core.prompts import QFORMER_INSTRUCTION_KEY, TEMPLATE_KEY, PromptTemplate
 from instructblip_core.qformer import QFormerMultiHeadAttention
 from instructblip_core.stage1 import QFormerPretrainer
-from instructblip_core.wrapper import ModelWrapper, unwrap
+from instructblip_core.wrapper import LossOnly, ModelWrapper, unwrap
 
 from .config import ConfigError, TrainConfig
 
@@ -175,7 +175,7 @@ def training_module(blip: InstructBlip, config: TrainConfig) -> nn.Module:
         module = GroundingModel(blip.model)
     else:
         prepare_for_tuning(blip.model, config)
-        module = GroundedInstructionModel(blip.model, config.grounding_weight) if config.grounds else blip.model
+        module = GroundedInstructionModel(blip.model, config.grounding_weight) if config.grounds else LossOnly(blip.model)
     cache = feature_cache(config, blip.model.vision_model)
     return WithCachedImageFeatures(module, cache) if cache is not None else module
 

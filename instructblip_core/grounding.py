@@ -109,6 +109,8 @@ def _attended_features(model: nn.Module, pixel_values, image_embeds, qformer_inp
 class GroundedInstructionModel(ModelWrapper):
     """Instruction tuning with the grounding loss added: loss = LM + weight * grounding.
 
+    Only the losses are computed (the LM loss without full logits: `lm_loss`), as training reads nothing else.
+
     Batches without regions (and video batches, whose records carry none) train on the LM
     loss alone, exactly as without this wrapper, and report no grounding loss: the logged
     `loss_grounding` is the mean over the batches that had regions (the trainer counts each
@@ -124,10 +126,10 @@ class GroundedInstructionModel(ModelWrapper):
         is_video = (pixel_values is not None and pixel_values.dim() == 5) or (image_embeds is not None and image_embeds.dim() == 4)
         if region_masks is None or is_video or not (region_masks.sum(-1) > 0).any():
             out = self.model(pixel_values=pixel_values, image_embeds=image_embeds, qformer_input_ids=qformer_input_ids,
-                             qformer_attention_mask=qformer_attention_mask, **batch)
+                             qformer_attention_mask=qformer_attention_mask, return_logits=False, **batch)
             return GroundedOutput(out.logits, out.loss, loss_lm=out.loss)
         features = _attended_features(self.model, pixel_values, image_embeds, qformer_input_ids, qformer_attention_mask)
-        out = self.model(visual=features.language_inputs, **batch)
+        out = self.model(visual=features.language_inputs, return_logits=False, **batch)
         grounding = grounding_loss(features.cross_attentions, region_masks)
         return GroundedOutput(out.logits, out.loss + self.weight * grounding, loss_lm=out.loss, loss_grounding=grounding)
 

@@ -24,10 +24,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig, PreTrainedModel
 
 from .config import InstructBlipConfig
+from .lm_loss import IGNORE_INDEX, decoder_lm_loss
 from .qformer import QFormerModel
 from .vision import VisionModel
 
-IGNORE_INDEX = -100  # label value that the LM loss skips (visual prefix, prompt, padding)
 
 
 def build_language_model(text_config: PretrainedConfig) -> PreTrainedModel:
@@ -47,7 +47,7 @@ class VisualFeatures:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # decoder-only: (B, Q + T, V); encoder-decoder: (B, T_dec, V)
+    logits: torch.Tensor | None  # decoder-only: (B, Q + T, V); encoder-decoder: (B, T_dec, V); None: loss only
     loss: torch.Tensor | None = None
 
 
@@ -157,12 +157,15 @@ class InstructBlipForConditionalGeneration(nn.Module):
         labels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         visual: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """
         pixel_values: (B, 3, H, W), or (B, F, 3, H, W) for F video frames.
         input_ids (B, T): the LLM prompt (decoder-only: prompt + answer; encoder-decoder: encoder text).
         labels: decoder-only (B, T) aligned with input_ids, IGNORE_INDEX where no loss is wanted;
                 encoder-decoder (B, T_dec), the target text.
+        return_logits=False (training, with labels): the loss alone, from `lm_loss.decoder_lm_loss`,
+                which skips the padding and the LM head where no label is predicted (logits=None).
         """
         if visual is None:  # else: the soft prompt was computed already (cached, or shared by candidates)
             visual = self.visual_prompt(pixel_values, qformer_input_ids, qformer_attention_mask, image_embeds)  # (B, Q, C)
@@ -178,11 +181,14 @@ class InstructBlipForConditionalGeneration(nn.Module):
             return ModelOutput(logits=out.logits, loss=out.loss)
         # Positions count only kept tokens, so left padding does not shift the prompt.
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        if labels is not None:
+            prefix = torch.full(visual.shape[:2], IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+            full = torch.cat([prefix, labels.to(prefix.device)], dim=1)  # (B, Q + T)
+            if not return_logits:
+                return ModelOutput(logits=None, loss=decoder_lm_loss(self.language_model, inputs_embeds, mask, position_ids, full))
         logits = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids).logits
         loss = None
         if labels is not None:
-            prefix = torch.full(visual.shape[:2], IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-            full = torch.cat([prefix, labels], dim=1)  # (B, Q + T)
             # token t predicts token t+1
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), full[:, 1:].flatten().to(logits.device), ignore_index=IGNORE_INDEX

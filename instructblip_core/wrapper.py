@@ -16,6 +16,14 @@ class ModelWrapper(nn.Module):
         return self.model.encode_images(pixel_values)
 
 
+class LossOnly(ModelWrapper):
+    """`model(**batch)` as training needs it: the loss, without the full (B, L, V) logits that
+    nothing reads (the decoder-only loss then skips padding and unlabelled positions: `lm_loss`)."""
+
+    def forward(self, **batch):
+        return self.model(**batch, return_logits=False)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The model inside any number of wrappers (whose weights are the model's)."""
     while isinstance(module, ModelWrapper):
