@@ -19,6 +19,7 @@ from torch import nn
 
 from .activations import get_activation
 from .config import QFormerConfig
+from .dropout import Dropout, dropout
 
 
 def to_sdpa_mask(mask: torch.Tensor | None, n_queries: int) -> torch.Tensor | None:
@@ -56,6 +57,12 @@ class QFormerMultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, T, d)
 
+    def _weights(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, h, Tq, Tk)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return scores.softmax(-1)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -67,15 +74,15 @@ class QFormerMultiHeadAttention(nn.Module):
         q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
         mask = to_sdpa_mask(mask, x.shape[1])
         weights = None
+        p = self.dropout if self.training else 0.0
         if need_weights:
             # Eager path only when someone wants to look at the attention (the "where did it look" view).
-            scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, h, Tq, Tk)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            weights = scores.softmax(-1)
+            weights = self._weights(q, k, mask)  # (B, h, Tq, Tk)
             y = weights @ v
+        elif p > 0.0 and q.device.type == "cpu":
+            # SDPA would drop attention weights with bernoulli_, about 4x the cost of this mask (dropout.py).
+            y = dropout(self._weights(q, k, mask), p, True) @ v  # (B, h, Tq, d)
         else:
-            p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, Tq, d)
         B, _, T, _ = y.shape
         return y.transpose(1, 2).reshape(B, T, -1), weights
@@ -88,7 +95,7 @@ class QFormerSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(y)) + residual)
@@ -120,7 +127,7 @@ class QFormerOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(h)) + residual)
@@ -186,7 +193,7 @@ class QFormerEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None], persistent=False)
 
     def forward(self, input_ids: torch.Tensor | None, query_embeds: torch.Tensor | None) -> torch.Tensor:
@@ -213,7 +220,7 @@ class QFormerModel(nn.Module):
             self.embeddings = QFormerEmbeddings(config)
         else:  # BLIP-2 checkpoints keep just a LayerNorm for the queries
             self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-            self.dropout = nn.Dropout(config.hidden_dropout_prob)
+            self.dropout = Dropout(config.hidden_dropout_prob)
         self.encoder = QFormerEncoder(config)
 
     def embed(self, query_embeds: torch.Tensor | None, input_ids: torch.Tensor | None) -> torch.Tensor:
