@@ -3,7 +3,8 @@
 Ours vs transformers' InstructBlipForConditionalGeneration with the same frozen/trainable
 split (ViT and LLM frozen; Q-Former, queries and projection trained) on the same batch, and
 ours with the frozen image encoder's outputs cached (what `finetune` does when no image
-augmentation is used). Interleaved in one run; ratios are ours / reference.
+augmentation is used), and both again computing the loss alone as `finetune` does
+(`return_logits=False`). Interleaved in one run; ratios are ours / reference.
 
     python bench/training.py [--folder CHECKPOINT] [--batch 4]
 """
@@ -64,11 +65,11 @@ def trainable_split(model) -> list[torch.nn.Parameter]:
     return params
 
 
-def step_fn(model, batch):
+def step_fn(model, batch, **options):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
-        loss = model(**batch).loss
+        loss = model(**batch, **options).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -100,12 +101,16 @@ def main(argv=None) -> int:
     with torch.no_grad():  # same weights, same batch: same loss (dropout off for the check)
         ours.model.eval(), reference.eval()
         a, b = ours.model(**batch).loss.item(), reference(**reference_batch(batch, ours.config)).loss.item()
+        c = ours.model(**batch, return_logits=False).loss.item()
         ours.model.train(), reference.train()
-    assert abs(a - b) < 1e-4, (a, b)
+    assert abs(a - b) < 1e-4 and abs(c - b) < 1e-4, (a, b, c)
     steps = {
         "ours": step_fn(ours.model, batch),
         "transformers": step_fn(reference, reference_batch(batch, ours.config)),
         "ours + feature cache": step_fn(ours.model, cached),
+        # What finetune runs: the LM loss without padding or unlabelled positions (lm_loss.py).
+        "ours, loss only": step_fn(ours.model, batch, return_logits=False),
+        "ours, loss only + feature cache": step_fn(ours.model, cached, return_logits=False),
     }
     times = {name: [] for name in steps}
     for step in steps.values():
