@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         "ours": step_fn(ours.model, batch),
         "transformers": step_fn(reference, reference_batch(batch, ours.config)),
         "ours + feature cache": step_fn(ours.model, cached),
-        # What finetune runs: the LM loss without padding or unlabelled positions (lm_loss.py).
+        # What finetune runs: the LM loss without padding or unlabelled positions (losses.decoder_lm_loss).
         "ours, loss only": step_fn(ours.model, batch, return_logits=False),
         "ours, loss only + feature cache": step_fn(ours.model, cached, return_logits=False),
     }

@@ -24,7 +24,6 @@ warning naming the source.
 from __future__ import annotations
 
 import functools
-
 import warnings
 from typing import Callable
 

@@ -109,7 +109,7 @@ def _attended_features(model: nn.Module, pixel_values, image_embeds, qformer_inp
 class GroundedInstructionModel(ModelWrapper):
     """Instruction tuning with the grounding loss added: loss = LM + weight * grounding.
 
-    Only the losses are computed (the LM loss without full logits: `lm_loss`), as training reads nothing else.
+    Only the losses are computed (the LM loss without full logits: `losses.decoder_lm_loss`), as training reads nothing else.
 
     Batches without regions (and video batches, whose records carry none) train on the LM
     loss alone, exactly as without this wrapper, and report no grounding loss: the logged

@@ -24,10 +24,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig, PreTrainedModel
 
 from .config import InstructBlipConfig
-from .lm_loss import IGNORE_INDEX, decoder_lm_loss
+from .losses import IGNORE_INDEX, decoder_lm_loss
 from .qformer import QFormerModel
 from .vision import VisionModel
-
 
 
 def build_language_model(text_config: PretrainedConfig) -> PreTrainedModel:
@@ -164,7 +163,7 @@ class InstructBlipForConditionalGeneration(nn.Module):
         input_ids (B, T): the LLM prompt (decoder-only: prompt + answer; encoder-decoder: encoder text).
         labels: decoder-only (B, T) aligned with input_ids, IGNORE_INDEX where no loss is wanted;
                 encoder-decoder (B, T_dec), the target text.
-        return_logits=False (training, with labels): the loss alone, from `lm_loss.decoder_lm_loss`,
+        return_logits=False (training, with labels): the loss alone, from `losses.decoder_lm_loss`,
                 which skips the padding and the LM head where no label is predicted (logits=None).
         """
         if visual is None:  # else: the soft prompt was computed already (cached, or shared by candidates)

@@ -18,7 +18,7 @@ class ModelWrapper(nn.Module):
 
 class LossOnly(ModelWrapper):
     """`model(**batch)` as training needs it: the loss, without the full (B, L, V) logits that
-    nothing reads (the decoder-only loss then skips padding and unlabelled positions: `lm_loss`)."""
+    nothing reads (the decoder-only loss then skips padding and unlabelled positions: `losses.decoder_lm_loss`)."""
 
     def forward(self, **batch):
         return self.model(**batch, return_logits=False)

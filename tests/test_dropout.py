@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from instructblip_core.config import QFormerConfig
 from instructblip_core.dropout import Dropout, dropout
 from instructblip_core.qformer import QFormerMultiHeadAttention
 
@@ -30,8 +31,6 @@ def test_eval_mode_and_p_zero_are_the_identity_and_the_module_keeps_nn_dropout_s
 
 
 def test_attention_dropout_on_the_cpu_drops_weights_as_sdpa_would():
-    from instructblip_core.config import QFormerConfig
-
     config = QFormerConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, attention_probs_dropout_prob=0.5)
     attention = QFormerMultiHeadAttention(config)
     x = torch.randn(3, 5, 16)

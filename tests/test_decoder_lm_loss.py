@@ -13,7 +13,7 @@ from instructblip_core import load_pretrained
 from instructblip_core.augment import EvalTransform
 from instructblip_core.collate import InstructionCollator
 from instructblip_core.data import InstructionDataset, load_records
-from instructblip_core.lm_loss import IGNORE_INDEX, decoder_lm_loss, length_groups
+from instructblip_core.losses import IGNORE_INDEX, decoder_lm_loss, length_groups
 
 
 def _cost(groups, lengths, overhead):
