@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from instructblip_core.augment import EvalTransform, TrainTransform
-from instructblip_core.collate import InstructionCollator, answer_token_counter, pad_rows
-from instructblip_core.data import ImageFeatureCache, InstructionDataset, load_records
+from instructblip_core.collate import InstructionCollator, answer_token_counter, pad_rows, stack_pixels
+from instructblip_core.data import DeferredImage, ImageFeatureCache, InstructionDataset, load_records
 from instructblip_core.evaluation import EvalSet, Evaluator
 from instructblip_core.features import weights_fingerprint
 from instructblip_core.generation import GenerationOptions
@@ -95,8 +95,8 @@ class WithCachedImageFeatures(ModelWrapper):
             return self.model.encode_images(pixel_values.flatten(0, 1)).unflatten(0, pixel_values.shape[:2])
         return self.model.encode_images(pixel_values)  # (B, N, Cv)
 
-    def forward(self, pixel_values: torch.Tensor, **batch):
-        image_embeds = self.cache.get_or_compute(pixel_values, self._encode)
+    def forward(self, pixel_values: torch.Tensor | list[DeferredImage], **batch):
+        image_embeds = self.cache.get_or_compute(pixel_values, self._encode, device=next(self.model.parameters()).device)
         return self.model(image_embeds=image_embeds, **batch)
 
 
@@ -109,10 +109,11 @@ class Stage1Model(nn.Module):
         self.pretrainer = pretrainer
         self.cache = cache
 
-    def forward(self, pixel_values: torch.Tensor, text_input_ids: torch.Tensor, text_attention_mask: torch.Tensor, **negatives):
+    def forward(self, pixel_values: torch.Tensor | list[DeferredImage], text_input_ids: torch.Tensor,
+                text_attention_mask: torch.Tensor, **negatives):
         with torch.no_grad():
             if self.cache is not None:
-                image_embeds = self.cache.get_or_compute(pixel_values, self.vision_model)
+                image_embeds = self.cache.get_or_compute(pixel_values, self.vision_model, device=text_input_ids.device)
             else:
                 image_embeds = self.vision_model(pixel_values)  # (B, N, Cv)
         return self.pretrainer(image_embeds, text_input_ids, text_attention_mask, **negatives)
@@ -205,7 +206,7 @@ class Stage1Collator:
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         ids, mask = self._padded([self._ids(item["answer"]) for item in items])
-        batch = {"pixel_values": torch.stack([it["pixel_values"] for it in items]), "text_input_ids": ids, "text_attention_mask": mask}
+        batch = {"pixel_values": stack_pixels(items), "text_input_ids": ids, "text_attention_mask": mask}
         negatives = [item.get("negative") for item in items]
         if any(negatives):
             batch["negative_input_ids"], batch["negative_attention_mask"] = self._padded([self._ids(n or "") for n in negatives])
@@ -251,8 +252,11 @@ def image_transform(processor: Processor, options: DataOptions, *, train: bool):
     return EvalTransform(processor.image_processor)
 
 
-def load_dataset(spec, processor: Processor, options: DataOptions, *, train: bool, report) -> tuple[InstructionDataset, list[str]]:
-    """One data file (a DataConfig / EvalDataConfig) -> (dataset, skipped lines); skips are announced via `report`."""
+def load_dataset(spec, processor: Processor, options: DataOptions, *, train: bool, report,
+                 defer_images: bool = False) -> tuple[InstructionDataset, list[str]]:
+    """One data file (a DataConfig / EvalDataConfig) -> (dataset, skipped lines); skips are announced via `report`.
+
+    defer_images: items carry undecoded images for a run with cached image features."""
     name = spec.name or Path(spec.path).stem
     result = load_records(
         spec.path,
@@ -274,6 +278,7 @@ def load_dataset(spec, processor: Processor, options: DataOptions, *, train: boo
         count_tokens=lambda text: len(processor.encode_prompt(text)),
         max_prompt_tokens=options.max_prompt_tokens,
         qformer_instruction=options.qformer_instruction,
+        defer_images=defer_images,
     )
     return dataset, result.skipped
 
@@ -281,7 +286,8 @@ def load_dataset(spec, processor: Processor, options: DataOptions, *, train: boo
 def load_training_data(processor: Processor, config: TrainConfig, report) -> tuple[list[InstructionDataset], list[str]]:
     datasets, skipped = [], []
     for spec in config.train_data:
-        dataset, bad = load_dataset(spec, processor, DataOptions.of(config), train=True, report=report)
+        dataset, bad = load_dataset(spec, processor, DataOptions.of(config), train=True, report=report,
+                                    defer_images=config.cache_image_features)
         datasets.append(dataset)
         skipped.extend(bad)
     names = [d.name for d in datasets]

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .data import DataError
+from .data import DataError, DeferredImage
 from .grounding import region_masks
 from .model import IGNORE_INDEX
 from .processing import Processor
@@ -113,7 +113,7 @@ class InstructionCollator:
         return ids
 
     # ---- the batch ----------------------------------------------------------------------
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict]) -> dict:
         if not items:
             raise ValueError("cannot collate an empty list of items")
         for item in items:
@@ -121,7 +121,7 @@ class InstructionCollator:
             if missing:
                 raise KeyError(f"{item.get('source', 'an item')}: missing {missing} (items need {list(ITEM_KEYS)})")
         batch = self._llm_batch(items) if self.llm_inputs else {}
-        batch["pixel_values"] = _stack_pixels(items)
+        batch["pixel_values"] = stack_pixels(items)
         batch.update(self.processor.tokenize_instructions([it["qformer_text"] for it in items]))
         if self.region_grid is not None and any(it.get("regions") for it in items):
             batch["region_masks"] = region_masks([it.get("regions") or [] for it in items], self.region_grid)  # (B, K, N+1)
@@ -156,8 +156,15 @@ def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (length - len(r)) for r in rows], dtype=torch.long)
 
 
-def _stack_pixels(items: list[dict]) -> torch.Tensor:
-    """(B, 3, H, W) for images, (B, F, 3, H, W) for videos; mixed shapes name the culprits."""
+def stack_pixels(items: list[dict]) -> torch.Tensor | list[DeferredImage]:
+    """(B, 3, H, W) for images, (B, F, 3, H, W) for videos; mixed shapes name the culprits.
+
+    Items of a dataset with `defer_images` stay undecoded: their list goes to the feature cache."""
+    deferred = [isinstance(it["pixel_values"], DeferredImage) for it in items]
+    if all(deferred):
+        return [it["pixel_values"] for it in items]
+    if any(deferred):
+        raise ValueError("a batch mixes decoded and deferred images (give every training dataset the same defer_images)")
     shapes = {tuple(it["pixel_values"].shape) for it in items}
     if len(shapes) > 1:
         listing = "; ".join(f"{it['source']}: {tuple(it['pixel_values'].shape)}" for it in items)

@@ -36,6 +36,7 @@ import os
 import random
 import re
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -486,6 +487,7 @@ class InstructionDataset(Dataset):
         count_tokens: Callable[[str], int] | None = None,
         max_prompt_tokens: int | None = None,
         qformer_instruction: bool = True,
+        defer_images: bool = False,
     ):
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"unknown prompt_style {prompt_style!r}; expected one of {', '.join(PROMPT_STYLES)}")
@@ -505,6 +507,11 @@ class InstructionDataset(Dataset):
         self.max_prompt_tokens = max_prompt_tokens
         # False: the Q-Former reads no text (BLIP-2-style, instruction-blind features; an ablation).
         self.qformer_instruction = qformer_instruction
+        # True: items carry a `DeferredImage` instead of pixels, for training with cached image
+        # features, where most images are never decoded (their features are looked up by file).
+        if defer_images and not getattr(image_transform, "deterministic", False):
+            raise ValueError("defer_images needs a deterministic image transform (a random crop has no fixed features)")
+        self.defer_images = defer_images
 
     def __len__(self) -> int:
         return len(self.records)
@@ -545,17 +552,54 @@ class InstructionDataset(Dataset):
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for dataset {self.name!r} of {len(self.records)} items")
         item = self.texts(index)
-        item["pixel_values"] = self._pixels(self.records[index], self._rng(index, "image").getrandbits(63))
+        record = self.records[index]
+        paths = (record.image,) if record.image is not None else tuple(record.images)
+        if self.defer_images:
+            item["pixel_values"] = DeferredImage.of(paths, record.image is None, self.image_transform, record.source)
+        else:
+            seed = self._rng(index, "image").getrandbits(63)
+            item["pixel_values"] = decode_pixels(paths, record.image is None, self.image_transform, record.source, seed)
         return item
 
-    def _pixels(self, record: Record, seed: int) -> torch.Tensor:
-        """(3, H, W) for an image, (F, 3, H, W) for video frames (all frames get the same crop)."""
-        paths = [record.image] if record.image is not None else record.images
-        try:
-            frames = [self.image_transform(load_image(p), torch.Generator().manual_seed(seed)) for p in paths]
-        except ImageError as e:
-            raise DataError(f"{record.source}: unreadable image: {e}") from None
-        return frames[0] if record.image is not None else torch.stack(frames)  # (3, H, W) / (F, 3, H, W)
+
+def decode_pixels(paths, is_video: bool, transform, source: str, seed: int = 0) -> torch.Tensor:
+    """(3, H, W) for an image, (F, 3, H, W) for video frames (all frames get the same crop)."""
+    try:
+        frames = [transform(load_image(p), torch.Generator().manual_seed(seed)) for p in paths]
+    except ImageError as e:
+        raise DataError(f"{source}: unreadable image: {e}") from None
+    return torch.stack(frames) if is_video else frames[0]  # (F, 3, H, W) / (3, H, W)
+
+
+@dataclass(frozen=True)
+class DeferredImage:
+    """An item's image (or clip) before decoding, for training on cached frozen-encoder features.
+
+    `key` hashes the transform's settings and the files' bytes, so it names the pixels the
+    transform would make without making them: decoding and resizing took most of the data
+    time of a training step whose features were all cached. Only deterministic transforms
+    qualify (their pixels are a function of the bytes). `pixel_values()` decodes, on a miss.
+    """
+
+    paths: tuple[Path, ...]
+    is_video: bool
+    transform: Callable
+    source: str
+    key: str
+
+    @classmethod
+    def of(cls, paths, is_video: bool, transform, source: str) -> "DeferredImage":
+        digest = hashlib.sha256(repr(transform).encode())
+        for path in paths:
+            try:
+                data = Path(path).read_bytes()
+            except OSError as e:
+                raise DataError(f"{source}: unreadable image: {path}: {e.strerror or e}") from None
+            digest.update(len(data).to_bytes(8, "little") + data)
+        return cls(tuple(paths), is_video, transform, source, "file:" + digest.hexdigest())
+
+    def pixel_values(self) -> torch.Tensor:
+        return decode_pixels(self.paths, self.is_video, self.transform, self.source)  # (3, H, W) / (F, 3, H, W)
 
 
 # ----------------------------------------------------------------------------- feature cache
@@ -569,33 +613,55 @@ class ImageFeatureCache:
     crop would never hit, and a trained encoder would make entries stale. `namespace`
     (the recipes use `features.weights_fingerprint` of the encoder) keeps caches of different
     encoders apart in one folder.
-    The folder form lets later epochs and later runs skip the ViT entirely.
+    The folder form lets later epochs and later runs skip the ViT entirely; it also keeps up to
+    `memory_bytes` of entries in memory (least recently used dropped first), because reading an
+    entry back from its file each time an image recurs cost as much as decoding the image.
+    Batches of `DeferredImage`s (datasets with `defer_images=True`) are keyed by file content and
+    decoded only for the images not cached.
     """
 
-    def __init__(self, folder: str | os.PathLike | None = None, *, namespace: str = ""):
+    def __init__(self, folder: str | os.PathLike | None = None, *, namespace: str = "", memory_bytes: int = 2 << 30):
         self.folder = Path(folder) if folder is not None else None
         self.namespace = namespace
-        self._memory: dict[str, torch.Tensor] = {}
+        self.memory_bytes = memory_bytes  # the folder form's in-memory share; the memory-only form keeps all
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._memory_used = 0
         self.hits = 0
         self.misses = 0
 
-    def key(self, pixel_values: torch.Tensor) -> str:
-        """pixel_values (3, H, W) or (F, 3, H, W) -> content key."""
-        return hashlib.sha256(f"{self.namespace}:{pixel_key(pixel_values)}".encode()).hexdigest()
+    def key(self, pixel_values: torch.Tensor | DeferredImage) -> str:
+        """pixel_values (3, H, W) or (F, 3, H, W), or a DeferredImage -> content key."""
+        content = pixel_values.key if isinstance(pixel_values, DeferredImage) else pixel_key(pixel_values)
+        return hashlib.sha256(f"{self.namespace}:{content}".encode()).hexdigest()
 
     def _file(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def get(self, key: str) -> torch.Tensor | None:
-        if self.folder is None:
+        if key in self._memory or self.folder is None:
+            if key in self._memory:
+                self._memory.move_to_end(key)
             return self._memory.get(key)
         file = self._file(key)
-        return load_file(file)["image_embeds"] if file.is_file() else None
+        if not file.is_file():
+            return None
+        image_embeds = load_file(file)["image_embeds"]
+        self._remember(key, image_embeds)
+        return image_embeds
+
+    def _remember(self, key: str, image_embeds: torch.Tensor) -> None:
+        if key in self._memory:
+            return
+        self._memory[key] = image_embeds
+        self._memory_used += image_embeds.nbytes
+        while self.folder is not None and self._memory_used > self.memory_bytes and self._memory:
+            self._memory_used -= self._memory.popitem(last=False)[1].nbytes
 
     def put(self, key: str, image_embeds: torch.Tensor) -> None:
-        image_embeds = image_embeds.detach().to("cpu").contiguous()
+        # A copy: a row of a batch's output would otherwise keep the whole batch's storage alive.
+        image_embeds = image_embeds.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        self._remember(key, image_embeds)
         if self.folder is None:
-            self._memory[key] = image_embeds
             return
         file = self._file(key)
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -615,21 +681,29 @@ class ImageFeatureCache:
         return sum(1 for _ in self.folder.glob("*/*.safetensors")) if self.folder.is_dir() else 0
 
     @torch.no_grad()
-    def get_or_compute(self, pixel_values: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """pixel_values (B, 3, H, W) -> image_embeds (B, N, Cv), encoding only the uncached images.
+    def get_or_compute(self, pixel_values: torch.Tensor | list[DeferredImage], encode: Callable[[torch.Tensor], torch.Tensor],
+                       device: torch.device | str | None = None) -> torch.Tensor:
+        """pixel_values (B, 3, H, W), or B DeferredImages -> image_embeds (B, N, Cv) on `device`
+        (default: the pixels' device), encoding only the uncached images.
 
-        `encode` is e.g. `model.encode_images`; it runs once, on the distinct missing images.
-        `misses` counts images encoded, `hits` the rest.
+        `encode` is e.g. `model.encode_images`; it runs once, on the distinct missing images
+        (deferred ones decoded for it and moved to `device`). `misses` counts images encoded, `hits` the rest.
         """
+        deferred = not torch.is_tensor(pixel_values)
+        device = device if device is not None else ("cpu" if deferred else pixel_values.device)
         keys = [self.key(p) for p in pixel_values]
         found = {k: self.get(k) for k in dict.fromkeys(keys)}
         missing = [k for k, value in found.items() if value is None]
-        first_row = {k: keys.index(k) for k in missing}  # a repeated image is encoded once
+        rows = [keys.index(k) for k in missing]  # a repeated image is encoded once
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         if missing:
-            fresh = encode(pixel_values[[first_row[k] for k in missing]])  # (M, N, Cv)
+            if deferred:
+                pixels = torch.stack([pixel_values[i].pixel_values() for i in rows]).to(device)  # (M, 3, H, W)
+            else:
+                pixels = pixel_values[rows]
+            fresh = encode(pixels)  # (M, N, Cv)
             for k, embeds in zip(missing, fresh):
                 self.put(k, embeds)
                 found[k] = embeds.detach().to("cpu")
-        return torch.stack([found[k] for k in keys]).to(pixel_values.device)  # (B, N, Cv)
+        return torch.stack([found[k] for k in keys]).to(device)  # (B, N, Cv)

@@ -42,27 +42,39 @@ def region_patch_mask(region: Region, grid: int) -> torch.Tensor:
     Patches are row-major like the patch embedding's flatten. A box too small to cover any
     patch by MIN_PATCH_COVER still marks the patch under its centre.
     """
-    x0, y0, x1, y1 = region
+    return torch.cat([torch.zeros(1), _patches_inside([region], grid)[0].float()])  # (1 + grid*grid,)
+
+
+def _patches_inside(regions: list[Region], grid: int) -> torch.Tensor:
+    """R boxes -> (R, grid*grid) bool: the patches each box covers (see `region_patch_mask`).
+
+    All boxes at once: one box at a time was half of a grounding batch's collation.
+    """
+    # Corners as float32 values, then float64 arithmetic (what the per-box version did).
+    boxes = torch.tensor(regions, dtype=torch.float32).double()  # (R, 4): x0, y0, x1, y1
+    x0, y0, x1, y1 = boxes.unbind(-1)  # (R,) each
     edges = torch.arange(grid + 1, dtype=torch.float64) / grid  # (grid+1,) patch borders
     # Overlap of [a, b] with each patch's [edge_i, edge_i+1], as a share of the patch side.
-    cover_x = ((torch.minimum(edges[1:], torch.tensor(x1)) - torch.maximum(edges[:-1], torch.tensor(x0))) * grid).clamp(min=0)
-    cover_y = ((torch.minimum(edges[1:], torch.tensor(y1)) - torch.maximum(edges[:-1], torch.tensor(y0))) * grid).clamp(min=0)
-    cover = cover_y[:, None] * cover_x[None, :]  # (grid, grid) share of each patch inside the box
-    inside = cover >= MIN_PATCH_COVER
-    if not inside.any():
-        row = min(grid - 1, int((y0 + y1) / 2 * grid))
-        col = min(grid - 1, int((x0 + x1) / 2 * grid))
-        inside[row, col] = True
-    return torch.cat([torch.zeros(1), inside.flatten().float()])  # (1 + grid*grid,)
+    cover_x = ((torch.minimum(edges[1:], x1[:, None]) - torch.maximum(edges[:-1], x0[:, None])) * grid).clamp(min=0)  # (R, grid)
+    cover_y = ((torch.minimum(edges[1:], y1[:, None]) - torch.maximum(edges[:-1], y0[:, None])) * grid).clamp(min=0)  # (R, grid)
+    inside = cover_y[:, :, None] * cover_x[:, None, :] >= MIN_PATCH_COVER  # (R, grid, grid)
+    empty = ~inside.flatten(1).any(-1)  # (R,) boxes covering no patch enough: mark the centre's patch
+    if empty.any():
+        rows = ((y0 + y1) / 2 * grid).long().clamp(max=grid - 1)  # (R,)
+        cols = ((x0 + x1) / 2 * grid).long().clamp(max=grid - 1)
+        index = empty.nonzero().squeeze(1)
+        inside[index, rows[index], cols[index]] = True
+    return inside.flatten(1)  # (R, grid*grid)
 
 
 def region_masks(regions_per_item: list[list[Region]], grid: int) -> torch.Tensor:
     """A batch's regions -> (B, K, 1 + grid*grid), K the most regions of any item; padding rows are all zero."""
     K = max(1, max(len(r) for r in regions_per_item))
     masks = torch.zeros(len(regions_per_item), K, 1 + grid * grid)
-    for b, regions in enumerate(regions_per_item):
-        for k, region in enumerate(regions):
-            masks[b, k] = region_patch_mask(region, grid)
+    places = [(b, k) for b, regions in enumerate(regions_per_item) for k in range(len(regions))]
+    if places:
+        b, k = torch.tensor(places).unbind(-1)
+        masks[b, k, 1:] = _patches_inside([r for regions in regions_per_item for r in regions], grid).float()
     return masks
 
 

@@ -91,10 +91,11 @@ class Processor:
         """Q-Former ids, left-truncated to its limit; empty for BLIP-2."""
         if self.qformer_tokenizer is None:
             return {}
-        enc = self.qformer_tokenizer(
-            instructions, padding=True, truncation=True, max_length=self.qformer_max_length, return_tensors="pt"
-        )
-        return {"qformer_input_ids": enc["input_ids"], "qformer_attention_mask": enc["attention_mask"]}
+        enc = self.qformer_tokenizer(instructions, padding=True, truncation=True, max_length=self.qformer_max_length)
+        # Padded lists to tensors here: the tokenizer's own return_tensors="pt" walks every id in
+        # Python (and builds token_type_ids too), most of a training batch's collation time.
+        return {"qformer_input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),  # (B, T)
+                "qformer_attention_mask": torch.tensor(enc["attention_mask"], dtype=torch.long)}
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """LLM prompt ids with the tokenizer's special tokens (BOS for LLaMA/OPT, EOS for T5)."""

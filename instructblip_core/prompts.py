@@ -65,8 +65,9 @@ def build_prompt(
     dropped = 0
     while True:
         llm = _render(question, history, template)
-        fits = count_tokens is None or max_prompt_tokens is None or count_tokens(llm) <= max_prompt_tokens
-        if fits or not history:
+        # Without earlier turns there is nothing to drop, so the prompt is not counted (that count
+        # was a fifth of a training batch's text side).
+        if not history or count_tokens is None or max_prompt_tokens is None or count_tokens(llm) <= max_prompt_tokens:
             return Prompt(llm=llm, qformer=question, dropped_turns=dropped)
         history.pop(0)
         dropped += 1

@@ -1,5 +1,6 @@
 """Data layer: record formats, bad data naming file:line, datasets, augmentation, feature cache."""
 
+import dataclasses
 import json
 import os
 
@@ -8,9 +9,11 @@ import pytest
 import torch
 
 from instructblip_core.augment import EvalTransform, TrainTransform
+from instructblip_core.collate import stack_pixels
 from instructblip_core.data import (
     DataError,
     DatasetSpec,
+    DeferredImage,
     ImageFeatureCache,
     InstructionDataset,
     Record,
@@ -490,6 +493,100 @@ def test_feature_cache_returns_the_encoder_output(tmp_path, on_disk):
         other_model = ImageFeatureCache(tmp_path / "cache", namespace="other")
         other_model.get_or_compute(pixels, encoder)
         assert encoder.encoded == 3  # another namespace never reuses entries
+
+
+@dataclasses.dataclass
+class CountingTransform(EvalTransform):
+    """The evaluation transform, counting the images it made (left out of repr, hence of cache keys)."""
+
+    made: list = dataclasses.field(default_factory=list, repr=False, compare=False)
+
+    def __call__(self, image, generator=None):
+        self.made.append(image.size)
+        return super().__call__(image, generator)
+
+
+def test_deferred_images_are_decoded_only_when_their_features_are_not_cached(folder, tmp_path):
+    records = _vqa_records(folder, 4)  # b, a, b, a
+    transform = CountingTransform(PROCESSOR)
+    deferred = dataset(records, image_transform=transform, defer_images=True)
+    plain = dataset(records, image_transform=EvalTransform(PROCESSOR))
+    items = [deferred[i] for i in range(4)]
+    assert all(isinstance(it["pixel_values"], DeferredImage) for it in items) and transform.made == []
+    assert items[0]["pixel_values"].key == items[2]["pixel_values"].key != items[1]["pixel_values"].key
+    torch.testing.assert_close(items[1]["pixel_values"].pixel_values(), plain[1]["pixel_values"], rtol=0, atol=0)
+    transform.made.clear()
+
+    torch.manual_seed(0)
+    encoder = CountingEncoder()
+    pixels = torch.stack([plain[i]["pixel_values"] for i in range(4)])
+    cache = ImageFeatureCache(tmp_path / "cache", namespace="tiny")
+    embeds = cache.get_or_compute(stack_pixels(items), encoder)
+    torch.testing.assert_close(embeds, encoder(pixels), rtol=0, atol=0)
+    assert len(transform.made) == 2 and (cache.misses, cache.hits) == (2, 2)  # each distinct image decoded once
+    again = ImageFeatureCache(tmp_path / "cache", namespace="tiny")  # a later stage, same folder
+    torch.testing.assert_close(again.get_or_compute(stack_pixels(items), encoder), embeds, rtol=0, atol=0)
+    assert len(transform.made) == 2 and again.misses == 0
+
+    # The key follows the file's bytes: a changed picture is a miss with its own features.
+    make_png(folder / "img" / "a.png", (10, 10, 250))
+    changed = deferred[1]["pixel_values"]
+    assert changed.key != items[1]["pixel_values"].key
+    fresh = again.get_or_compute([changed], encoder)
+    assert len(transform.made) == 3
+    torch.testing.assert_close(fresh[0], encoder(plain[1]["pixel_values"][None])[0], rtol=0, atol=0)
+    # ... and so do the transform's settings.
+    other_size = dataset(records, image_transform=EvalTransform(ImageProcessor(size=(14, 14))), defer_images=True)
+    assert other_size[1]["pixel_values"].key != changed.key
+
+
+def test_deferred_images_keep_the_errors_of_decoded_ones(folder):
+    (folder / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    path = write_lines(folder / "train.jsonl", [
+        {"image": "img/a.png", "question": "q?", "answer": "x"},
+        {"image": "img/broken.png", "question": "q?", "answer": "x"},
+    ])
+    records = load_records(path, "short_vqa").records
+    ds = dataset(records, defer_images=True)
+    with pytest.raises(DataError, match=rf"^{path}:2: unreadable image: .*broken.png is truncated or corrupt"):
+        ds[1]["pixel_values"].pixel_values()
+    (folder / "img" / "a.png").unlink()  # gone after loading
+    with pytest.raises(DataError, match=rf"^{path}:1: unreadable image: .*a.png"):
+        ds[0]
+    with pytest.raises(ValueError, match="defer_images needs a deterministic image transform"):
+        dataset(records, image_transform=TrainTransform(PROCESSOR), defer_images=True)
+    with pytest.raises(ValueError, match="mixes decoded and deferred images"):
+        stack_pixels([{"pixel_values": torch.zeros(3, SIZE, SIZE), "source": "x"},
+                      {"pixel_values": ds[1]["pixel_values"], "source": "y"}])
+
+
+def test_deferred_video_clips_stack_their_frames(folder, tmp_path):
+    path = write_lines(folder / "video.jsonl", [
+        {"images": [f"clip/{i}.png" for i in range(4)], "question": "What changes?", "answer": "the colour"},
+    ])
+    (record,) = load_records(path, "video_qa").records
+    clip = dataset([record], defer_images=True)[0]["pixel_values"]
+    assert clip.is_video and torch.equal(clip.pixel_values(), dataset([record])[0]["pixel_values"])  # (4, 3, S, S)
+    cache = ImageFeatureCache()
+    embeds = cache.get_or_compute([clip], lambda p: p.flatten(2))  # (1, 4, 3*S*S): all frames reach the encoder
+    assert torch.equal(embeds, clip.pixel_values().flatten(1)[None])
+
+
+def test_a_folder_cache_keeps_recent_entries_in_memory_within_its_bound(tmp_path):
+    torch.manual_seed(0)
+    encoder = CountingEncoder()
+    pixels = torch.randn(4, 3, SIZE, SIZE)
+    entry_bytes = 16 * 8 * 4  # one (16, 8) float32 entry
+    cache = ImageFeatureCache(tmp_path / "cache", namespace="tiny", memory_bytes=2 * entry_bytes)
+    first = cache.get_or_compute(pixels, encoder)
+    assert len(cache._memory) == 2 and cache._memory_used == 2 * entry_bytes  # the two most recent
+    for file in (tmp_path / "cache").rglob("*.safetensors"):
+        file.unlink()  # what is in memory is still served; the rest has to be encoded again
+    encoder.encoded = 0
+    torch.testing.assert_close(cache.get_or_compute(pixels[2:], encoder), first[2:], rtol=0, atol=0)
+    assert encoder.encoded == 0
+    torch.testing.assert_close(cache.get_or_compute(pixels[:2], encoder), first[:2], rtol=0, atol=0)
+    assert encoder.encoded == 2
 
 
 def test_feature_cache_with_the_real_vision_encoder(tiny_checkpoints, folder):

@@ -34,6 +34,17 @@ def test_a_box_marks_the_patches_it_covers_by_a_quarter_or_more():
     assert patches(region_patch_mask((0.55, 0.8, 0.6, 0.85), 4), 4) == {(3, 2)}
 
 
+def test_a_batch_of_boxes_gives_each_box_its_own_patches():
+    boxes = [[(0.55, 0.8, 0.6, 0.85), (0.0, 0.0, 0.5, 0.5)], [], [(0.01, 0.02, 0.03, 0.04)], [(0.2, 0.2, 0.45, 0.45)]]
+    masks = region_masks(boxes, 4)  # (4, 2, 17)
+    assert masks.shape == (4, 2, 17) and masks[:, :, 0].sum() == 0  # CLS never
+    for b, regions in enumerate(boxes):
+        for k in range(2):
+            expected = region_patch_mask(regions[k], 4) if k < len(regions) else torch.zeros(17)
+            assert torch.equal(masks[b, k], expected), (b, k)
+    assert patches(masks[2, 0], 4) == {(0, 0)}  # tiny boxes in several items each keep their centre's patch
+
+
 def test_the_loss_is_minus_log_of_the_attention_mass_on_each_region():
     grid, n = 2, 5  # 4 patches + CLS
     masks = region_masks([[(0.0, 0.0, 0.5, 0.5)], [(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)], []], grid)  # (3, 2, 5)

@@ -203,6 +203,8 @@ def test_cached_image_features_give_the_same_training(tiny_checkpoints, words, t
         train_variant(tiny_checkpoints("instructblip-opt"), words, tmp_path / f"c{on}", cache_image_features=on, max_steps=6)
         for on in (False, True)
     )
+    assert all(d.defer_images for d in cached.trainer.batches.datasets)  # images decoded only to be encoded
+    assert not any(d.defer_images for d in plain.trainer.batches.datasets)
     cache = cached.trainer.unwrapped.cache
     assert cache.hits + cache.misses == 6 * 4 and cache.hits > 0
     assert cache.misses == len(cache)  # every image encoded once
