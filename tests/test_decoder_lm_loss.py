@@ -84,6 +84,29 @@ def test_the_loss_and_its_gradients_equal_the_full_logits_ones(kind, left):
     assert fast_in.grad[~kept].abs().max() == 0 and full_in.grad[~kept].abs().max() < 1e-7
 
 
+def test_a_softcapped_head_gets_the_full_logits_loss():
+    """Gemma-2 squashes its logits after the head (final_logit_softcapping): the head alone would
+    give another loss, so such a model takes the full-logits path."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=1.0)
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)  # logits of a few units, where a cap at 1 changes them
+    torch.manual_seed(1)
+    mask, positions, labels = _batch([9, 30, 11], answer=3, width=32)
+    embeds = torch.randn(3, 32, 32)
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    hidden = model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    uncapped = F.cross_entropy(model.lm_head(hidden)[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    assert abs(uncapped.item() - expected.item()) > 0.1  # the cap matters at this scale
+    loss = decoder_lm_loss(model, embeds, mask, positions, labels, group_overhead=0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_a_label_on_a_padded_position_is_still_counted():
     model = _llm("llama").eval()
     mask, positions, labels = _batch([6, 20], answer=2, width=22)
