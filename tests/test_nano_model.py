@@ -79,6 +79,18 @@ def test_chat_answers_what_the_gallery_promises():
         assert sum(asked) / len(asked) >= minimum, (kind, report)
 
 
+def test_later_turns_keep_what_the_gallery_promises():
+    """A user asks more than one question about a picture. Asked as the second turn, after another
+    question about the same image (`--follow-up`, eleventh build, 30 one-object scenes): colour
+    100%, size 93%, the number of objects 97%."""
+    scores = competence(load_pretrained(MODEL), scenes=12, objects=(1,), follow_up=True)
+    report = table(scores)
+    print(report)
+    for kind, minimum in ONE_OBJECT_FLOORS.items():
+        asked = scores[kind][1]
+        assert len(asked) == 12 and sum(asked) / len(asked) >= minimum, (kind, report)
+
+
 def test_competence_command_scores_an_export_with_the_chat_template(tmp_path, capsys):
     """A stage's export keeps its training template; `python -m finetune.nano.competence EXPORT`
     must still ask as the installed model is asked (it used to score exports under their

@@ -1,6 +1,6 @@
 """What a nano model answers right in chat, by question kind and number of objects in the scene.
 
-    python -m finetune.nano.competence [MODEL] [--scenes 60] [--objects 1 2 3 4 5]
+    python -m finetune.nano.competence [MODEL] [--scenes 60] [--objects 1 2 3 4 5] [--follow-up]
 
 The evaluation (evaluate.py) scores each dataset as a whole; this asks the questions a user
 of the app asks, through the app's route (`ChatSession`: the chat template `install` writes,
@@ -9,6 +9,8 @@ where the model can be trusted and where it cannot. Scenes come from their own s
 test or fresh set draws from; they have no text on them (reading is scored by the evaluation).
 Each question is about one object, named as the datasets name it ("the small square", "the
 star at the top left"), and is scored by VQA accuracy against its one right answer.
+`--follow-up` asks each one as the second turn of a chat, after a question of another kind
+about the same image, so the table shows what later turns of a conversation can be trusted with.
 """
 
 from __future__ import annotations
@@ -74,20 +76,32 @@ LABELS = {
 
 
 def competence(model: InstructBlip, *, scenes: int, objects: Sequence[int] = COMPETENCE_OBJECTS,
-               max_new_tokens: int = 8) -> dict[str, dict[int, list[float]]]:
-    """kind -> number of objects -> one score (0..1) per question asked."""
+               max_new_tokens: int = 8, follow_up: bool = False) -> dict[str, dict[int, list[float]]]:
+    """kind -> number of objects -> one score (0..1) per question asked.
+
+    follow_up: each question is the second turn of its chat, after a question of another kind
+    about the same image that the model answered itself (its answer stays in the history).
+    """
     scores: dict[str, dict[int, list[float]]] = {kind: {n: [] for n in objects} for kind in QUESTIONS}
+    options = dict(max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
     for n in objects:
         stats = SceneStats(min_objects=n, max_objects=n, backdrops=("plain",), text_probability=0.0)
         for i in range(scenes):
             scene = make_scene(f"competence/{n}/{i}", stats)
             image = render_scene(scene, DISPLAY_SIZE)
             rng = random.Random(f"competence/{n}/{i}/questions")
-            for kind, make in QUESTIONS.items():
-                qa = make(scene, rng)
+            asked = {kind: make(scene, rng) for kind, make in QUESTIONS.items()}
+            openers = random.Random(f"competence/{n}/{i}/openers")  # its own stream: first turns keep their questions
+            for kind, qa in asked.items():
                 if qa is None:
                     continue
-                answer = ChatSession(model).ask(qa.question, image, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+                chat = ChatSession(model)
+                if follow_up:
+                    opener = asked[openers.choice([k for k, other in asked.items() if k != kind and other is not None])]
+                    chat.ask(opener.question, image, **options)
+                    answer = chat.ask(qa.question, None, **options)
+                else:
+                    answer = chat.ask(qa.question, image, **options)
                 scores[kind][n].append(vqa_accuracy(answer, [qa.answer]))
     return scores
 
@@ -108,9 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", nargs="?", type=Path, default=INSTALL_DIR, help="model folder (default: the shipped one)")
     p.add_argument("--scenes", type=int, default=60, help="scenes per number of objects")
     p.add_argument("--objects", type=int, nargs="+", default=list(COMPETENCE_OBJECTS), help="numbers of objects")
+    p.add_argument("--follow-up", action="store_true",
+                   help="ask each question as the second turn, after another question about the same image")
     args = p.parse_args(argv)
     # A stage's export still has its training template; chat users get the one `install` writes.
-    print(table(competence(as_installed(args.model), scenes=args.scenes, objects=args.objects)))
+    model = as_installed(args.model)
+    print(table(competence(model, scenes=args.scenes, objects=args.objects, follow_up=args.follow_up)))
     return 0
 
 
