@@ -169,3 +169,16 @@ def test_llm_pretraining_batches_are_length_bucketed_samples_of_the_corpus():
     text = sum(len(r) for b in drawn for r in b)
     padded = sum(max(map(len, b)) * len(b) for b in drawn)
     assert text / padded > 0.9  # random batches of these lengths are about half padding
+
+
+def test_steps_change_one_stage_budget_and_name_what_is_wrong(capsys):
+    from finetune.nano.__main__ import Budget, build_parser
+
+    args = build_parser().parse_args(["--steps", "text=2000", "stage1=150"])
+    budget = Budget(False, dict(args.steps))
+    assert budget.steps == {**Budget.FULL, "text": 2000, "stage1": 150}
+    assert Budget(True, {"instruct": 7}).steps == {**{k: 4 for k in Budget.FULL}, "instruct": 7}  # --quick too
+    for bad in ("txt=10", "text=0", "text=ten", "text"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--steps", bad])
+        assert f"expected STAGE=STEPS with STAGE one of vision, text, stage1, stage2, grounding, instruct and STEPS >= 1, got '{bad}'" in capsys.readouterr().err

@@ -51,10 +51,20 @@ from .tokenizers import train_llm_tokenizer, train_qformer_tokenizer
 class Budget:
     """Steps of each stage: full recipe (<= 45 min on 2 cores) or --quick (a smoke run)."""
 
-    def __init__(self, quick: bool):
-        full = dict(vision=3000, text=3000, stage1=250, stage2=300, grounding=600, instruct=2000)
-        self.steps = {k: 4 for k in full} if quick else full
+    FULL = dict(vision=3000, text=3000, stage1=250, stage2=300, grounding=600, instruct=2000)
+
+    def __init__(self, quick: bool, overrides: dict[str, int] | None = None):
+        self.steps = {k: 4 for k in self.FULL} if quick else dict(self.FULL)
+        self.steps.update(overrides or {})
         self.quick = quick
+
+
+def step_override(text: str) -> tuple[str, int]:
+    """"text=2000" -> ("text", 2000), for --steps."""
+    stage, _, steps = text.partition("=")
+    if stage not in Budget.FULL or not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected STAGE=STEPS with STAGE one of {', '.join(Budget.FULL)} and STEPS >= 1, got {text!r}")
+    return stage, int(steps)
 
 
 def training_device() -> str:
@@ -130,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "nano", help="working folder (default runs/nano)")
     p.add_argument("--quick", action="store_true", help="every stage for a few steps on a few records")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=step_override, nargs="+", default=[], metavar="STAGE=STEPS",
+                   help=f"change a stage's budget, e.g. text=2000 (stages: {', '.join(Budget.FULL)})")
     p.add_argument("--install", action="store_true", help=f"copy the result to {INSTALL_DIR.relative_to(REPO)}")
     p.add_argument("--until", choices=["data", "tokenizers", "vision", "text", "base", *STAGES], help="stop after this stage")
     return p
@@ -140,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out
     work.mkdir(parents=True, exist_ok=True)
     log = log_to(work / "nano.log")
-    budget = Budget(args.quick)
+    budget = Budget(args.quick, dict(args.steps))
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
