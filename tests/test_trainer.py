@@ -215,6 +215,20 @@ def test_cached_image_features_give_the_same_training(tiny_checkpoints, words, t
         assert torch.equal(value, got[name]), name
 
 
+def test_undecoded_images_travel_through_loader_workers(tiny_checkpoints, words, tmp_path):
+    """With the feature cache, items carry undecoded images; a worker process hands them over
+    (pickled) and the run trains exactly as without workers."""
+    inline, workers = (
+        train_variant(tiny_checkpoints("instructblip-opt"), words, tmp_path / f"w{n}", cache_image_features=True,
+                      num_workers=n, max_steps=3)
+        for n in (0, 1)
+    )
+    assert workers.trainer.unwrapped.cache.misses > 0
+    expected = inline.trainer.trainable_state()
+    for name, value in workers.trainer.trainable_state().items():
+        assert torch.equal(value, expected[name]), name
+
+
 def test_a_feature_folder_is_shared_by_checkpoints_with_the_same_image_encoder(tiny_checkpoints, words, tmp_path):
     """The recipes' stages start from one another's exports with the same frozen encoder: a second
     stage reads the first one's encodings; another encoder, even at the same path, never does."""
