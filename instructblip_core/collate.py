@@ -78,9 +78,10 @@ class InstructionCollator:
         self.truncated_prompts = 0  # how many prompts were cut to max_prompt_tokens so far
 
     # ---- one item -----------------------------------------------------------------------
-    def prompt_ids(self, prompt: str, source: str) -> list[int]:
-        """Prompt ids with special tokens, cut from the left to max_prompt_tokens if needed."""
-        ids = self.processor.encode_prompt(prompt)
+    def prompt_ids(self, prompt: str, source: str, ids: list[int] | None = None) -> list[int]:
+        """Prompt ids with special tokens (`ids`: the prompt already encoded), cut from the left to
+        max_prompt_tokens if needed."""
+        ids = self.processor.encode_prompt(prompt) if ids is None else ids
         if len(ids) <= self.max_prompt_tokens:
             return ids
         special = set(self.tokenizer.all_special_ids)
@@ -102,9 +103,9 @@ class InstructionCollator:
             )
         return ids[:head] + ids[len(ids) - tail - keep : len(ids) - tail] + ids[len(ids) - tail :]
 
-    def answer_ids(self, prompt: str, answer: str, source: str) -> list[int]:
+    def answer_ids(self, prompt: str, answer: str, source: str, prompt_ids: list[int] | None = None) -> list[int]:
         """Answer ids + EOS; an answer over max_answer_tokens is an error naming its source."""
-        ids = self.processor.encode_answer(prompt, answer)  # ends with EOS
+        ids = self.processor.encode_answer(prompt, answer, prompt_ids)  # ends with EOS
         if len(ids) - 1 > self.max_answer_tokens:
             raise DataError(
                 f"{source}: answer is {len(ids) - 1} tokens, over max_answer_tokens={self.max_answer_tokens} "
@@ -128,8 +129,10 @@ class InstructionCollator:
         return batch
 
     def _llm_batch(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        prompts = [self.prompt_ids(it["prompt"], it["source"]) for it in items]
-        answers = [self.answer_ids(it["prompt"], it["answer"], it["source"]) for it in items]
+        # Each prompt encoded once, for its own ids and for where its answer starts.
+        encoded = [self.processor.encode_prompt(it["prompt"]) for it in items]
+        prompts = [self.prompt_ids(it["prompt"], it["source"], ids) for it, ids in zip(items, encoded)]
+        answers = [self.answer_ids(it["prompt"], it["answer"], it["source"], ids) for it, ids in zip(items, encoded)]
         return self._encoder_decoder(prompts, answers) if self.is_encoder_decoder else self._decoder_only(prompts, answers)
 
     def _decoder_only(self, prompts: list[list[int]], answers: list[list[int]]) -> dict[str, torch.Tensor]:

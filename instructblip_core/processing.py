@@ -101,8 +101,9 @@ class Processor:
         """LLM prompt ids with the tokenizer's special tokens (BOS for LLaMA/OPT, EOS for T5)."""
         return self.tokenizer(prompt).input_ids
 
-    def encode_answer(self, prompt: str, answer: str) -> list[int]:
-        """The answer's ids as the LLM produces them after `prompt`, EOS included.
+    def encode_answer(self, prompt: str, answer: str, prompt_ids: list[int] | None = None) -> list[int]:
+        """The answer's ids as the LLM produces them after `prompt`, EOS included (`prompt_ids`:
+        `encode_prompt(prompt)` when the caller has it already).
 
         Shared by training (labels) and candidate ranking, so both score exactly the tokens
         generation would emit. Decoder-only: the tokens that follow the prompt's in
@@ -113,7 +114,7 @@ class Processor:
         if self.is_encoder_decoder:
             ids = tok(answer).input_ids
             return ids if ids and ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]
-        prompt_ids = self.encode_prompt(prompt)
+        prompt_ids = self.encode_prompt(prompt) if prompt_ids is None else prompt_ids
         # No prompt (BLIP-2 captioning): the answer opens the text, with no space before it.
         full = tok(f"{prompt} {answer.lstrip()}" if prompt else answer.lstrip()).input_ids
         if full[: len(prompt_ids)] == prompt_ids:
