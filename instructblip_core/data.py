@@ -638,12 +638,10 @@ class ImageFeatureCache:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def get(self, key: str) -> torch.Tensor | None:
-        if key in self._memory or self.folder is None:
-            if key in self._memory:
-                self._memory.move_to_end(key)
-            return self._memory.get(key)
-        file = self._file(key)
-        if not file.is_file():
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
+        if self.folder is None or not (file := self._file(key)).is_file():
             return None
         image_embeds = load_file(file)["image_embeds"]
         self._remember(key, image_embeds)

@@ -313,12 +313,17 @@ def test_malformed_json_file_cannot_be_skipped(folder):
     assert load_error(path, skip_bad=True).startswith(f"{path}:4: malformed JSON")
 
 
-def test_unreadable_image_names_file_and_line(folder):
+def with_broken_image(folder):
+    """A data file whose line 1 names a good image and line 2 a corrupt PNG."""
     (folder / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    path = write_lines(folder / "train.jsonl", [
+    return write_lines(folder / "train.jsonl", [
         {"image": "img/a.png", "question": "q?", "answer": "x"},
         {"image": "img/broken.png", "question": "q?", "answer": "x"},
     ])
+
+
+def test_unreadable_image_names_file_and_line(folder):
+    path = with_broken_image(folder)
     # Existence is checked at load; pixels when the item is first used, still naming file:line.
     records = load_records(path, "short_vqa").records
     ds = dataset(records)
@@ -541,11 +546,7 @@ def test_deferred_images_are_decoded_only_when_their_features_are_not_cached(fol
 
 
 def test_deferred_images_keep_the_errors_of_decoded_ones(folder):
-    (folder / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    path = write_lines(folder / "train.jsonl", [
-        {"image": "img/a.png", "question": "q?", "answer": "x"},
-        {"image": "img/broken.png", "question": "q?", "answer": "x"},
-    ])
+    path = with_broken_image(folder)
     records = load_records(path, "short_vqa").records
     ds = dataset(records, defer_images=True)
     with pytest.raises(DataError, match=rf"^{path}:2: unreadable image: .*broken.png is truncated or corrupt"):
