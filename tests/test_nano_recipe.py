@@ -2,12 +2,13 @@
 for a few steps; the result is a checkpoint both loaders read, and a rerun resumes."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from transformers import InstructBlipForConditionalGeneration
+from transformers import AutoTokenizer, InstructBlipForConditionalGeneration
 
 from finetune.nano.competence import LABELS
 from instructblip_core import load_pretrained
@@ -34,6 +35,7 @@ def test_every_stage_ran(quick_run):
         assert (out / name).exists(), name
     for stage in ("vision step", "text step", "stage1", "stage2", "grounding", "instruct"):
         assert stage in log
+    assert "the LLM pretrains in its own process beside the image encoder (1 + 1 threads; all 2" in log
     for stage in ("stage1", "stage2", "grounding", "instruct"):  # --seed reaches the training stages too
         assert "seed: 3" in (out / f"{stage}.yaml").read_text().splitlines(), stage
     assert any((out / "image_features").rglob("*.safetensors"))  # the stages' shared encodings
@@ -119,7 +121,7 @@ def test_the_same_command_in_another_folder_builds_the_same_model_bit_for_bit(qu
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("tokenizers/qformer/tokenizer.json", "tokenizers/llm/tokenizer.json", "vision.safetensors",
-                 "stage1/export/model.safetensors", "grounding/export/model.safetensors", "instruct/export/model.safetensors"):
+                 "llm/model.safetensors", "stage1/export/model.safetensors", "grounding/export/model.safetensors", "instruct/export/model.safetensors"):
         assert (out / name).read_bytes() == (again / name).read_bytes(), name
 
 
@@ -150,6 +152,60 @@ def test_ablations_train_each_variant_from_its_start_with_its_settings(quick_run
     assert list(ablations) == ["full", "no_instruction", "proportional", "task_tags", "stage2", "no_grounding",
                                "task_tags_no_grounding"]
     assert ablations["full"] == json.loads((out / "results.json").read_text())  # the recipe's own evaluation
+
+
+def test_pretrainings_trained_side_by_side_equal_each_trained_alone(quick_run, tmp_path):
+    """The recipe trains the LLM in a second process beside the image encoder and gives it every
+    core once the encoder is done. Trained alone, as a rerun that finds the other one done does,
+    each comes out with the same bytes: the schedule changes the time, not the model."""
+    out, _ = quick_run
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "data").symlink_to(out / "data")
+    shutil.copytree(out / "tokenizers", alone / "tokenizers")
+    command = [sys.executable, "-m", "finetune.nano", "--quick", "--out", str(alone), "--seed", "3", "--until"]
+    vision = subprocess.run(command + ["vision"], capture_output=True, text=True, timeout=300)
+    assert vision.returncode == 0, vision.stderr[-2000:]
+    assert "vision step" in vision.stdout and "text step" not in vision.stdout
+    text = subprocess.run(command + ["text"], capture_output=True, text=True, timeout=300)
+    assert text.returncode == 0, text.stderr[-2000:]
+    assert "text step" in text.stdout and "vision step" not in text.stdout and "own process" not in text.stdout
+    for name in ("vision.safetensors", "llm/model.safetensors"):
+        assert (alone / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_llm_pretraining_is_the_same_on_one_thread_two_and_a_switch_between(quick_run):
+    """What lets the LLM's process take the encoder's cores whenever the encoder finishes."""
+    from finetune.nano import build_model
+    from finetune.nano.pretrain_text import pretrain_text
+
+    out, _ = quick_run
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizers" / "llm")
+    lines = (out / "data" / "corpus.txt").read_text(encoding="utf-8").splitlines()
+
+    def trained(threads_at_step):
+        before = torch.get_num_threads()
+        try:
+            result = pretrain_text(build_model.llm_config(tokenizer), tokenizer, lines, steps=6, batch_size=8, log=lambda m: None,
+                                   before_step=lambda step: torch.set_num_threads(threads_at_step(step)))
+        finally:
+            torch.set_num_threads(before)
+        return result.model.state_dict(), result.eval_loss
+
+    one, loss = trained(lambda step: 1)
+    for schedule in (lambda step: 2, lambda step: 1 if step < 3 else 2):
+        other, other_loss = trained(schedule)
+        assert other_loss == loss
+        assert all(torch.equal(one[k], other[k]) for k in one)
+
+
+def test_a_failed_llm_process_stops_the_recipe_with_its_reason(tmp_path):
+    from finetune.nano.side_by_side import LLMPretrainingBeside
+
+    beside = LLMPretrainingBeside(tmp_path / "llm", tmp_path / "no-tokenizer-here", ["a line"], 2, tmp_path / "nano.log")
+    with pytest.raises(RuntimeError, match=r"LLM pretraining failed in its own process \(exit code 1\)"):
+        beside.result()
+    assert not (tmp_path / "llm").exists()
 
 
 def test_llm_pretraining_batches_are_length_bucketed_samples_of_the_corpus():

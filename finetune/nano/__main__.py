@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from instructblip_core.data import InstructionDataset, load_records
 from instructblip_core.images import load_image
@@ -41,8 +41,10 @@ from .ceiling import ceiling
 from .ceiling import table as ceiling_table
 from .competence import CHAT_TEMPLATE, COMPETENCE_OBJECTS, as_installed, competence, table
 from .evaluate import evaluate_all, write_results
-from .pretrain_text import pretrain_text
+from .logbook import log_to
+from .pretrain_text import pretrained_llm
 from .pretrain_vision import pretrain_vision
+from .side_by_side import LLMPretrainingBeside, encoder_share_of_the_cpu, encoder_threads
 from .splits import QUICK_SIZES, build_splits, load_manifest
 from .stages import STAGES, run_stage
 from .tokenizers import train_llm_tokenizer, train_qformer_tokenizer
@@ -70,16 +72,6 @@ def step_override(text: str) -> tuple[str, int]:
 def training_device() -> str:
     """The GPU when there is one (the trainer's stages pick it through accelerate too)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def log_to(path: Path):
-    def log(message: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        print(line, flush=True)
-        with path.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
-
-    return log
 
 
 def instruction_lines(manifest, seed: int) -> list[str]:
@@ -116,22 +108,12 @@ def step_vision(work: Path, manifest, steps: int, log):
     records = [json.loads(line) for line in (manifest.root / "pretrain_captions.jsonl").read_text().splitlines() if line]
     processor = build_model.image_processor()
     pixels = torch.stack([processor.pixel_values(load_image(manifest.root / r["image"])) for r in records])  # (N, 3, S, S)
-    result = pretrain_vision(config, pixels, [r["scene"] for r in records], steps=steps, batch_size=32,
-                             device=training_device(), log=log)
+    with encoder_share_of_the_cpu(training_device()):
+        result = pretrain_vision(config, pixels, [r["scene"] for r in records], steps=steps, batch_size=32,
+                                 device=training_device(), log=log)
     log(f"vision pretraining: {result.seconds:.0f} s, held-back accuracy " + json.dumps({k: round(v, 3) for k, v in result.accuracy.items()}))
     (work / "vision_accuracy.json").write_text(json.dumps(result.accuracy, indent=1))
     save_file(result.model.state_dict(), path)
-    return result.model
-
-
-def step_text(work: Path, tokenizer, lines: list[str], steps: int, log) -> LlamaForCausalLM:
-    folder = work / "llm"
-    if (folder / "config.json").exists():
-        return LlamaForCausalLM.from_pretrained(folder)
-    result = pretrain_text(build_model.llm_config(tokenizer), tokenizer, lines, steps=steps, batch_size=32,
-                           device=training_device(), log=log)
-    log(f"LLM pretraining: {result.seconds:.0f} s, held-back loss {result.eval_loss:.3f}")
-    result.model.save_pretrained(folder)
     return result.model
 
 
@@ -171,16 +153,29 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer, qformer_tokenizer = step_tokenizers(work, manifest, corpus + instructions, log)
     if args.until == "tokenizers":
         return 0
+    # The LLM reads the corpus only: its grounded documents already use the instruction wording,
+    # and the bare instruction lines (question, answer, no scene) would teach it to guess.
+    llm_folder, beside = work / "llm", None
+    if (args.until != "vision" and training_device() == "cpu" and torch.get_num_threads() > 1
+            and not (llm_folder / "config.json").exists() and not (work / "vision.safetensors").exists()):
+        beside = LLMPretrainingBeside(llm_folder, work / "tokenizers" / "llm", corpus, budget.steps["text"], work / "nano.log")
+        log(f"text: the LLM pretrains in its own process beside the image encoder ({beside.threads} + "
+            f"{encoder_threads()} threads; all {torch.get_num_threads()} once the encoder is done)")
     vision = step_vision(work, manifest, budget.steps["vision"], log)
     if args.until == "vision":
         return 0
-    # The LLM reads the corpus only: its grounded documents already use the instruction wording,
-    # and the bare instruction lines (question, answer, no scene) would teach it to guess.
-    llm = step_text(work, tokenizer, corpus, budget.steps["text"], log)
+    if beside is not None:
+        llm = beside.result()
+    else:
+        llm = pretrained_llm(llm_folder, build_model.llm_config(tokenizer), tokenizer, corpus, steps=budget.steps["text"],
+                             device=training_device(), log=log)
     if args.until == "text":
         return 0
     base = work / "base"
     if not (base / "config.json").exists():
+        # The first checkpoint's fresh weights (Q-Former, projection) follow from the seed alone,
+        # not from which earlier stages this run trained and which it found done.
+        torch.manual_seed(args.seed)
         build_model.assemble(base, vision, llm, tokenizer, qformer_tokenizer)
     log(f"base checkpoint at {base} ({time.perf_counter() - started:.0f} s so far)")
     if args.until == "base":

@@ -26,8 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from .__main__ import REPO, Budget, log_to
+from .__main__ import REPO, Budget
 from .evaluate import evaluate_all, results_table
+from .logbook import log_to
 from .splits import load_manifest
 from .stages import run_stage
 

@@ -9,9 +9,13 @@ already read its answers back from its context.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +76,7 @@ def pretrain_text(
     seed: int = 0,
     device: str | torch.device = "cpu",
     log=print,
+    before_step: Callable[[int], None] | None = None,
 ) -> TextPretrainResult:
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -84,6 +89,8 @@ def pretrain_text(
     model.train()
     batches = length_bucketed_batches(train, batch_size, rng)
     for step in range(steps):
+        if before_step is not None:
+            before_step(step)
         ids, mask = _batch(next(batches), tokenizer.pad_token_id)
         loss = lm_loss(model, ids.to(device), mask.to(device))
         optimizer.step(loss)
@@ -94,3 +101,24 @@ def pretrain_text(
         losses = [lm_loss(model, *(t.to(device) for t in _batch(held[i : i + 64], tokenizer.pad_token_id))).item()
                   for i in range(0, len(held), 64)]
     return TextPretrainResult(model.cpu(), sum(losses) / len(losses), time.perf_counter() - started)
+
+
+def pretrained_llm(folder: Path, config: LlamaConfig, tokenizer: PreTrainedTokenizerBase, lines: list[str], *,
+                   steps: int, device: str | torch.device = "cpu", log=print,
+                   before_step: Callable[[int], None] | None = None) -> LlamaForCausalLM:
+    """The recipe's LLM stage: the model saved in `folder`, pretrained and saved there first if it is not.
+
+    Saved under a temporary name and renamed, so a `folder` that exists is always complete (the
+    recipe reuses it on a rerun, and may train it in another process).
+    """
+    if (folder / "config.json").exists():
+        return LlamaForCausalLM.from_pretrained(folder)
+    result = pretrain_text(config, tokenizer, lines, steps=steps, batch_size=32, device=device, log=log,
+                           before_step=before_step)
+    log(f"LLM pretraining: {result.seconds:.0f} s, held-back loss {result.eval_loss:.3f}")
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.model.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)  # what an older, interrupted save left
+    os.replace(tmp, folder)
+    return result.model
