@@ -5,7 +5,8 @@ training stage, `finetune.train` resumes from its last checkpoint):
   1. data        the procedural world's datasets (held-in train/test, held-out test) + text corpus
   2. tokenizers  BPE for the LLM, WordPiece for the Q-Former, trained on the world's text
   3. vision      the image encoder, pretrained with dense per-patch ground truth, then frozen
-  4. text        the LLM (LLaMA architecture), pretrained on the world's text, then frozen
+  4. text        the LLM (LLaMA architecture), pretrained on the world's text, then frozen; on
+                 the CPU it trains in a second process beside stage 3 (side_by_side.py)
   5. base        the first full checkpoint (untrained Q-Former)
   6. stage1      Q-Former on frozen image features: ITC + ITM + ITG on captions (BLIP-2 stage 1)
   7. stage2      Q-Former + projection into the frozen LLM on captions (BLIP-2 stage 2)

@@ -1,10 +1,12 @@
 """The LLM's pretraining in a second process, beside the image encoder's, on the CPU.
 
 The two pretrainings need nothing from each other, and on small models two threads are far
-from twice one: on the 2-core build machine a step of the ViT takes 343 ms on one thread and
-233 ms on two, one of the LLM 752-774 ms and 450-488 ms. So the image encoder trains on half
-the cores while the LLM trains on the other half, in its own process; once the encoder is done,
-the LLM's process takes every core for the rest of its steps.
+from twice one: on the 2-core build machine a step of the ViT or of the LLM runs only 1.5-1.6x
+as fast on two threads as on one. So the image encoder trains on half the cores while the LLM
+trains on the other half, in its own process; once the encoder is done, the LLM's process
+takes every core for the rest of its steps. What that saves depends on the hour: 15% of the
+two pretrainings in a slow one, nothing measurable in a fast one, when each process also runs
+slower beside the other (finetune/README.md has the measurements).
 
 When that happens depends on the machine's speed, but not what the LLM learns: its arithmetic
 is the same on any number of threads (tests/test_nano_recipe.py checks it on this machine).
