@@ -199,6 +199,42 @@ def test_llm_pretraining_is_the_same_on_one_thread_two_and_a_switch_between(quic
         assert all(torch.equal(one[k], other[k]) for k in one)
 
 
+def test_the_llm_process_stops_when_the_recipe_is_killed(quick_run, tmp_path):
+    """A recipe killed outright cannot stop its daemon; the LLM's process notices and stops, so a
+    rerun never finds an orphan still writing the LLM's folder."""
+    import os
+    import time
+
+    out, _ = quick_run
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from finetune.nano.side_by_side import LLMPretrainingBeside\n"
+        "if __name__ == '__main__':\n"
+        "    out, work = Path(sys.argv[1]), Path(sys.argv[2])\n"
+        "    lines = (out / 'data' / 'corpus.txt').read_text().splitlines()\n"
+        "    beside = LLMPretrainingBeside(work / 'llm', out / 'tokenizers' / 'llm', lines, 100000, work / 'nano.log')\n"
+        "    while 'text step 0/' not in ((work / 'nano.log').read_text() if (work / 'nano.log').exists() else ''):\n"
+        "        pass\n"
+        "    print('llm process', beside.process.pid, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    pid = int(next(line for line in killed.stdout.splitlines() if line.startswith("llm process ")).split()[-1])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the LLM's process went on after its recipe was killed")
+    assert not (tmp_path / "llm").exists()
+
+
 def test_a_failed_llm_process_stops_the_recipe_with_its_reason(tmp_path):
     from finetune.nano.side_by_side import LLMPretrainingBeside
 

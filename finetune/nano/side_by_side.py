@@ -50,13 +50,19 @@ def _pretrain_llm_process(folder: Path, tokenizer_dir: Path, lines: list[str], s
                           all_threads: int, encoder_done, log_path: Path) -> None:
     torch.set_num_threads(threads)
 
-    def take_every_core_once_the_encoder_is_done(step: int) -> None:
+    recipe = multiprocessing.parent_process()
+
+    def before_step(step: int) -> None:
+        # A recipe killed outright (SIGKILL, out of memory) cannot stop its daemon; a rerun would
+        # then find this process still writing the LLM's folder.
+        if not recipe.is_alive():
+            raise SystemExit("the recipe that started this LLM pretraining is gone")
         if encoder_done.is_set() and torch.get_num_threads() != all_threads:
-            torch.set_num_threads(all_threads)
+            torch.set_num_threads(all_threads)  # the encoder is done: take every core
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pretrained_llm(folder, build_model.llm_config(tokenizer), tokenizer, lines, steps=steps, log=log_to(log_path),
-                   before_step=take_every_core_once_the_encoder_is_done)
+                   before_step=before_step)
 
 
 class LLMPretrainingBeside:
