@@ -18,7 +18,6 @@ Shared by `finetune.train` and `finetune.evaluate`. What is trained, per stage:
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from instructblip_core.augment import EvalTransform, TrainTransform
+from instructblip_core.checkpointing import replace_folder
 from instructblip_core.collate import InstructionCollator, answer_token_counter, pad_rows, stack_pixels
 from instructblip_core.data import DeferredImage, ImageFeatureCache, InstructionDataset, load_records
 from instructblip_core.evaluation import EvalSet, Evaluator
@@ -360,15 +360,7 @@ def export(config: TrainConfig, trained: nn.Module, out: str | os.PathLike) -> P
     base.model.config.extra[TEMPLATE_KEY] = PromptTemplate().to_dict()
     if not config.qformer_instruction:
         base.model.config.extra[QFORMER_INSTRUCTION_KEY] = False
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    base.save_pretrained(tmp)
-    if out.exists():
-        old = out.with_name(f".old-{out.name}")
-        os.replace(out, old)
-        shutil.rmtree(old)
-    os.replace(tmp, out)
-    return out
+    return replace_folder(out, base.save_pretrained)
 
 
 def _copy_trainable(trained: nn.Module, target: nn.Module, config: TrainConfig) -> None:

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,19 @@ def write_durable(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
 
+
+def replace_folder(out: Path, fill: Callable[[Path], None]) -> Path:
+    """`fill(tmp)` writes a new folder under a temporary name beside `out`, which then takes the
+    place of `out` by renames: a folder named `out` is always complete, the old one or the new."""
+    tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted earlier write left
+    fill(tmp)
+    if out.exists():
+        old = out.with_name(f".old-{out.name}")
+        os.replace(out, old)
+        shutil.rmtree(old)
+    os.replace(tmp, out)
+    return out
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()})

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
+from instructblip_core.checkpointing import replace_folder
 from instructblip_core.data import InstructionDataset, load_records
 from instructblip_core.images import load_image
 from instructblip_core.prompts import TEMPLATE_KEY
@@ -209,13 +210,12 @@ def main(argv: list[str] | None = None) -> int:
 def install(model: Path, work: Path) -> None:
     from .model_card import write_model_card
 
-    tmp = INSTALL_DIR.with_name(".tmp-nano")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model, tmp)
-    finish_config(tmp / "config.json")
-    write_model_card(tmp, work)
-    shutil.rmtree(INSTALL_DIR, ignore_errors=True)
-    tmp.rename(INSTALL_DIR)
+    def fill(tmp: Path) -> None:
+        shutil.copytree(model, tmp)
+        finish_config(tmp / "config.json")
+        write_model_card(tmp, work)
+
+    replace_folder(INSTALL_DIR, fill)
 
 
 def finish_config(config_file: Path) -> None:

@@ -9,9 +9,7 @@ already read its answers back from its context.
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from instructblip_core.checkpointing import replace_folder
 
 from .pretrain_steps import PretrainOptimizer
 
@@ -116,9 +116,5 @@ def pretrained_llm(folder: Path, config: LlamaConfig, tokenizer: PreTrainedToken
     result = pretrain_text(config, tokenizer, lines, steps=steps, batch_size=32, device=device, log=log,
                            before_step=before_step)
     log(f"LLM pretraining: {result.seconds:.0f} s, held-back loss {result.eval_loss:.3f}")
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    result.model.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)  # what an older, interrupted save left
-    os.replace(tmp, folder)
+    replace_folder(folder, result.model.save_pretrained)
     return result.model
