@@ -170,7 +170,10 @@ def test_pretrainings_trained_side_by_side_equal_each_trained_alone(quick_run, t
     text = subprocess.run(command + ["text"], capture_output=True, text=True, timeout=300)
     assert text.returncode == 0, text.stderr[-2000:]
     assert "text step" in text.stdout and "vision step" not in text.stdout and "own process" not in text.stdout
-    for name in ("vision.safetensors", "llm/model.safetensors"):
+    # and the first checkpoint, assembled by a run that trained neither, follows from the seed alone
+    base = subprocess.run(command + ["base"], capture_output=True, text=True, timeout=300)
+    assert base.returncode == 0, base.stderr[-2000:]
+    for name in ("vision.safetensors", "llm/model.safetensors", "base/model.safetensors"):
         assert (alone / name).read_bytes() == (out / name).read_bytes(), name
 
 
