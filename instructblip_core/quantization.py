@@ -9,6 +9,7 @@ transformers, because quantising the logits layer costs accuracy for little memo
 from __future__ import annotations
 
 import re
+import sys
 
 import torch
 from torch import nn
@@ -82,5 +83,11 @@ def weight_bytes(module: nn.Module) -> int:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    bnb = _bnb()
+    # Only `quantize_linear_layers` makes bitsandbytes layers, and it imports bitsandbytes first: a
+    # process that never imported it holds no quantised module, and saving or generating with a
+    # float model must not need the package (a GPU machine without it failed to save the recipe's
+    # first checkpoint).
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return False
     return any(isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in module.modules())

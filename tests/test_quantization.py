@@ -1,8 +1,12 @@
 """8-bit and 4-bit loading for real through bitsandbytes on the CPU."""
 
+import subprocess
+import sys
+
 import bitsandbytes as bnb
 import pytest
 import torch
+from finetune_fixtures import subprocess_env
 from PIL import Image
 
 from instructblip_core import GenerationOptions, load_pretrained
@@ -120,3 +124,28 @@ def test_t5_wo_can_be_quantized_in_4bit_and_then_matches_transformers_quantizing
 def test_quantizing_t5_wo_where_it_would_overflow_fp16_is_refused_with_the_reason(t5_folder, kwargs, message):
     with pytest.raises(ValueError, match=message):
         load_pretrained(t5_folder, quantize_fp32_modules=True, **kwargs)
+
+
+# ---- without bitsandbytes: a float model saves and generates; asking for 8-bit says what is missing ----
+WITHOUT_BITSANDBYTES = """
+import sys
+sys.modules["bitsandbytes"] = None  # `import bitsandbytes` now raises ImportError, as where it is not installed
+from PIL import Image
+from instructblip_core import load_pretrained
+model = load_pretrained(sys.argv[1])
+model.save_pretrained(sys.argv[2])
+print("answer:", model.generate(Image.new("RGB", (40, 40), "blue"), "what colour?", max_new_tokens=4)[0])
+try:
+    load_pretrained(sys.argv[1], load_in_8bit=True)
+except ImportError as e:
+    print("8-bit:", e)
+"""
+
+
+def test_a_float_model_needs_no_bitsandbytes_to_save_and_generate(folder, tmp_path):
+    done = subprocess.run([sys.executable, "-c", WITHOUT_BITSANDBYTES, str(folder), str(tmp_path / "saved")],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "answer:" in done.stdout
+    assert (tmp_path / "saved" / "model.safetensors").exists()
+    assert "8-bit: 8-bit / 4-bit loading needs bitsandbytes: pip install bitsandbytes" in done.stdout
