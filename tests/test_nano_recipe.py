@@ -269,9 +269,9 @@ def test_llm_pretraining_batches_are_length_bucketed_samples_of_the_corpus():
 def test_steps_change_one_stage_budget_and_name_what_is_wrong(capsys):
     from finetune.nano.__main__ import Budget, build_parser
 
-    args = build_parser().parse_args(["--steps", "text=2000", "stage1=150"])
+    args = build_parser().parse_args(["--steps", "text=2000", "stage1=250"])
     budget = Budget(False, dict(args.steps))
-    assert budget.steps == {**Budget.FULL, "text": 2000, "stage1": 150}
+    assert budget.steps == {**Budget.FULL, "text": 2000, "stage1": 250}
     assert Budget(True, {"instruct": 7}).steps == {**{k: 4 for k in Budget.FULL}, "instruct": 7}  # --quick too
     for bad in ("txt=10", "text=0", "text=ten", "text"):
         with pytest.raises(SystemExit):
