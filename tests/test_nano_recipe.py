@@ -35,7 +35,7 @@ def test_every_stage_ran(quick_run):
         assert (out / name).exists(), name
     for stage in ("vision step", "text step", "stage1", "stage2", "grounding", "instruct"):
         assert stage in log
-    assert "the LLM pretrains in its own process beside the image encoder (1 + 1 threads; all 2" in log
+    assert "the LLM pretrains in its own process beside the image encoder (1 + 1 threads; all 2 from step 1, with the encoder done)" in log
     for stage in ("stage1", "stage2", "grounding", "instruct"):  # --seed reaches the training stages too
         assert "seed: 3" in (out / f"{stage}.yaml").read_text().splitlines(), stage
     assert any((out / "image_features").rglob("*.safetensors"))  # the stages' shared encodings
@@ -177,29 +177,40 @@ def test_pretrainings_trained_side_by_side_equal_each_trained_alone(quick_run, t
         assert (alone / name).read_bytes() == (out / name).read_bytes(), name
 
 
-def test_llm_pretraining_is_the_same_on_one_thread_two_and_a_switch_between(quick_run):
-    """What lets the LLM's process take the encoder's cores whenever the encoder finishes."""
-    from finetune.nano import build_model
-    from finetune.nano.pretrain_text import pretrain_text
+def test_the_llm_takes_every_core_at_a_fixed_step_and_waits_there_for_the_encoder():
+    """The LLM's arithmetic can depend on the number of threads, so its schedule is tied to its
+    steps, never to when the encoder happens to finish: a seed then builds one model."""
+    import threading
+    import time
 
-    out, _ = quick_run
-    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizers" / "llm")
-    lines = (out / "data" / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    from finetune.nano.side_by_side import llm_thread_schedule, switch_step
 
-    def trained(threads_at_step):
-        before = torch.get_num_threads()
-        try:
-            result = pretrain_text(build_model.llm_config(tokenizer), tokenizer, lines, steps=6, batch_size=8, log=lambda m: None,
-                                   before_step=lambda step: torch.set_num_threads(threads_at_step(step)))
-        finally:
-            torch.set_num_threads(before)
-        return result.model.state_dict(), result.eval_loss
-
-    one, loss = trained(lambda step: 1)
-    for schedule in (lambda step: 2, lambda step: 1 if step < 3 else 2):
-        other, other_loss = trained(schedule)
-        assert other_loss == loss
-        assert all(torch.equal(one[k], other[k]) for k in one)
+    before = torch.get_num_threads()
+    try:
+        switch = switch_step(100)
+        assert switch == 45
+        encoder_done = threading.Event()
+        schedule = llm_thread_schedule(100, 2, encoder_done)
+        threads = []
+        for step in range(switch):
+            schedule(step)
+            threads.append(torch.get_num_threads())
+        assert threads == [1] * switch
+        finishes = threading.Timer(2.0, encoder_done.set)  # the encoder is done 2 s from now
+        started = time.monotonic()
+        finishes.start()
+        schedule(switch)  # torch's thread count belongs to the calling thread: wait right here
+        assert time.monotonic() - started >= 1.9 and torch.get_num_threads() == 2
+        # alone (a rerun that finds the encoder done): the same threads at every step, no wait
+        alone = llm_thread_schedule(100, 2)
+        for step in (0, switch - 1, switch, 99):
+            alone(step)
+            assert torch.get_num_threads() == (1 if step < switch else 2)
+        gone = llm_thread_schedule(100, 2, threading.Event(), still_wanted=lambda: False)
+        with pytest.raises(SystemExit, match="the recipe that started this LLM pretraining is gone"):
+            gone(0)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_llm_process_stops_when_the_recipe_is_killed(quick_run, tmp_path):

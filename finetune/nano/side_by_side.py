@@ -3,16 +3,20 @@
 The two pretrainings need nothing from each other, and on small models two threads are far
 from twice one: on the 2-core build machine a step of the ViT or of the LLM runs only 1.5-1.6x
 as fast on two threads as on one. So the image encoder trains on half the cores while the LLM
-trains on the other half, in its own process; once the encoder is done, the LLM's process
-takes every core for the rest of its steps. What that saves depends on the hour: 15% of the
+trains on the other half, in its own process; from a fixed step on (below), with the encoder
+done, the LLM's process takes every core for the rest of its steps. What that saves depends on the hour: 15% of the
 two pretrainings in a slow one, nothing measurable in a fast one, when each process also runs
 slower beside the other (finetune/README.md has the measurements).
 
-When that happens depends on the machine's speed, but not what the LLM learns: its arithmetic
-is the same on any number of threads (tests/test_nano_recipe.py checks it on this machine).
-The image encoder's is not (LayerNorm's weight gradient is summed per thread), so it always
-trains on the same share of the cores, with the LLM beside it or not, and a seed builds one
-model on a given machine.
+The LLM's arithmetic depends on the number of threads at its real size on some machines (a
+20-step run on one thread, on two, and switching at step 7 gave three different weights on
+one 2-core build machine; on an earlier one they were equal). So the switch is tied
+to a step, not to the moment the encoder finishes: the LLM trains its first
+`SWITCH_SHARE` of steps on its share of the cores and the rest on all of them, beside the
+encoder or alone (a rerun that finds the encoder done). Beside it, the LLM waits at that
+step for the encoder to finish rather than crowd its core. The encoder always trains on its
+share too (LayerNorm's weight gradient is summed per thread). So a seed builds one model on
+a given machine, however fast each process runs.
 """
 
 from __future__ import annotations
@@ -29,9 +33,43 @@ from .logbook import log_to
 from .pretrain_text import pretrained_llm
 
 
+# Where the LLM takes every core: the encoder's 3000 one-thread steps took as long as the LLM's
+# first 1385-1390 of 3000 in two runs (46%); switching a little earlier makes the LLM wait a
+# little rather than leave a core idle for long when the encoder runs late.
+SWITCH_SHARE = 0.45
+
+
+def switch_step(steps: int) -> int:
+    """The first of the LLM's `steps` trained on every core."""
+    return int(steps * SWITCH_SHARE)
+
+
+def llm_thread_schedule(steps: int, all_threads: int, encoder_done=None, still_wanted=lambda: True):
+    """`before_step` for the LLM's pretraining on the CPU: its share of the threads up to `switch_step`,
+    every thread from there. With `encoder_done` (an Event), it first waits there for the encoder."""
+    switch = switch_step(steps)
+
+    def before_step(step: int) -> None:
+        if not still_wanted():
+            raise SystemExit("the recipe that started this LLM pretraining is gone")
+        if step == 0:
+            torch.set_num_threads(all_threads - encoder_threads_of(all_threads))
+        if step == switch:
+            while encoder_done is not None and not encoder_done.wait(timeout=1.0):
+                if not still_wanted():
+                    raise SystemExit("the recipe that started this LLM pretraining is gone")
+            torch.set_num_threads(all_threads)
+
+    return before_step
+
+
+def encoder_threads_of(all_threads: int) -> int:
+    return max(1, all_threads // 2)
+
+
 def encoder_threads() -> int:
     """The image encoder's share of the CPU threads: half, rounded down, and at least one."""
-    return max(1, torch.get_num_threads() // 2)
+    return encoder_threads_of(torch.get_num_threads())
 
 
 @contextmanager
@@ -46,20 +84,12 @@ def encoder_share_of_the_cpu(device: str):
         torch.set_num_threads(threads)
 
 
-def _pretrain_llm_process(folder: Path, tokenizer_dir: Path, lines: list[str], steps: int, threads: int,
-                          all_threads: int, encoder_done, log_path: Path) -> None:
-    torch.set_num_threads(threads)
-
+def _pretrain_llm_process(folder: Path, tokenizer_dir: Path, lines: list[str], steps: int, all_threads: int,
+                          encoder_done, log_path: Path) -> None:
     recipe = multiprocessing.parent_process()
-
-    def before_step(step: int) -> None:
-        # A recipe killed outright (SIGKILL, out of memory) cannot stop its daemon; a rerun would
-        # then find this process still writing the LLM's folder.
-        if not recipe.is_alive():
-            raise SystemExit("the recipe that started this LLM pretraining is gone")
-        if encoder_done.is_set() and torch.get_num_threads() != all_threads:
-            torch.set_num_threads(all_threads)  # the encoder is done: take every core
-
+    # A recipe killed outright (SIGKILL, out of memory) cannot stop its daemon; a rerun would
+    # then find this process still writing the LLM's folder.
+    before_step = llm_thread_schedule(steps, all_threads, encoder_done, still_wanted=recipe.is_alive)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pretrained_llm(folder, build_model.llm_config(tokenizer), tokenizer, lines, steps=steps, log=log_to(log_path),
                    before_step=before_step)
@@ -80,7 +110,7 @@ class LLMPretrainingBeside:
         self.threads = all_threads - encoder_threads()
         self.process = context.Process(
             target=_pretrain_llm_process, name="llm-pretraining", daemon=True,
-            args=(folder, tokenizer_dir, lines, steps, self.threads, all_threads, self.encoder_done, log_path),
+            args=(folder, tokenizer_dir, lines, steps, all_threads, self.encoder_done, log_path),
         )
         self.process.start()
 
