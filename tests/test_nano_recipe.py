@@ -206,6 +206,8 @@ def test_the_llm_takes_every_core_at_a_fixed_step_and_waits_there_for_the_encode
         for step in (0, switch - 1, switch, 99):
             alone(step)
             assert torch.get_num_threads() == (1 if step < switch else 2)
+        llm_thread_schedule(100, 1)(0)  # one thread in all: it keeps it
+        assert torch.get_num_threads() == 1
         gone = llm_thread_schedule(100, 2, threading.Event(), still_wanted=lambda: False)
         with pytest.raises(SystemExit, match="the recipe that started this LLM pretraining is gone"):
             gone(0)

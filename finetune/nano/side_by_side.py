@@ -53,7 +53,7 @@ def llm_thread_schedule(steps: int, all_threads: int, encoder_done=None, still_w
         if not still_wanted():
             raise SystemExit("the recipe that started this LLM pretraining is gone")
         if step == 0:
-            torch.set_num_threads(all_threads - encoder_threads_of(all_threads))
+            torch.set_num_threads(max(1, all_threads - encoder_threads_of(all_threads)))  # 1 on a 1-thread machine
         if step == switch:
             while encoder_done is not None and not encoder_done.wait(timeout=1.0):
                 if not still_wanted():
