@@ -4,9 +4,9 @@ The two pretrainings need nothing from each other, and on small models two threa
 from twice one: on the 2-core build machine a step of the ViT or of the LLM runs only 1.5-1.6x
 as fast on two threads as on one. So the image encoder trains on half the cores while the LLM
 trains on the other half, in its own process; from a fixed step on (below), with the encoder
-done, the LLM's process takes every core for the rest of its steps. What that saves depends on the hour: 15% of the
-two pretrainings in a slow one, nothing measurable in a fast one, when each process also runs
-slower beside the other (finetune/README.md has the measurements).
+done, the LLM's process takes every core for the rest of its steps. What that saves depends
+on the hour: 15% of the two pretrainings in a slow one, nothing measurable in a fast one,
+when each process also runs slower beside the other (finetune/README.md has the measurements).
 
 The LLM's arithmetic depends on the number of threads at its real size on some machines (a
 20-step run on one thread, on two, and switching at step 7 gave three different weights on
