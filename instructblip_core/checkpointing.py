@@ -77,6 +77,7 @@ def replace_folder(out: Path, fill: Callable[[Path], None]) -> Path:
     os.replace(tmp, out)
     return out
 
+
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
 

@@ -49,15 +49,17 @@ def llm_thread_schedule(steps: int, all_threads: int, encoder_done=None, still_w
     every thread from there. With `encoder_done` (an Event), it first waits there for the encoder."""
     switch = switch_step(steps)
 
-    def before_step(step: int) -> None:
+    def stop_if_the_recipe_is_gone() -> None:
         if not still_wanted():
             raise SystemExit("the recipe that started this LLM pretraining is gone")
+
+    def before_step(step: int) -> None:
+        stop_if_the_recipe_is_gone()
         if step == 0:
-            torch.set_num_threads(max(1, all_threads - encoder_threads_of(all_threads)))  # 1 on a 1-thread machine
+            torch.set_num_threads(llm_threads_of(all_threads))
         if step == switch:
             while encoder_done is not None and not encoder_done.wait(timeout=1.0):
-                if not still_wanted():
-                    raise SystemExit("the recipe that started this LLM pretraining is gone")
+                stop_if_the_recipe_is_gone()
             torch.set_num_threads(all_threads)
 
     return before_step
@@ -65,6 +67,11 @@ def llm_thread_schedule(steps: int, all_threads: int, encoder_done=None, still_w
 
 def encoder_threads_of(all_threads: int) -> int:
     return max(1, all_threads // 2)
+
+
+def llm_threads_of(all_threads: int) -> int:
+    """The LLM's share beside the encoder: the rest of the threads (the one thread on a 1-thread machine)."""
+    return max(1, all_threads - encoder_threads_of(all_threads))
 
 
 def encoder_threads() -> int:
@@ -107,7 +114,7 @@ class LLMPretrainingBeside:
         self.folder = folder
         self.encoder_done = context.Event()
         all_threads = torch.get_num_threads()
-        self.threads = all_threads - encoder_threads()
+        self.threads = llm_threads_of(all_threads)
         self.process = context.Process(
             target=_pretrain_llm_process, name="llm-pretraining", daemon=True,
             args=(folder, tokenizer_dir, lines, steps, all_threads, self.encoder_done, log_path),
