@@ -13,7 +13,9 @@ File formats (one JSON object per line in .jsonl; a list of objects in a .json f
 Videos give their frames instead of one image: "images": ["clip/0.png", "clip/1.png", ...].
 Instruction and caption records of one image may name the regions their answer depends on:
 "regions": [[x0, y0, x1, y1], ...], boxes as fractions of the image's width and height (0 = left
-or top edge); the grounding loss (grounding.py) then teaches the Q-Former to look there.
+or top edge), and "cls" for the image encoder's CLS token when the answer is about the whole
+image (how many objects it holds); the grounding loss (grounding.py) then teaches the Q-Former
+to look there.
 
 question_generation turns a VQA pair around: a {"question", "answer"} record becomes "write a
 question whose answer is <answer>" with the question as the target.
@@ -47,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from .features import pixel_key
-from .grounding import Region
+from .grounding import CLS, Region
 from .images import ImageError, load_image
 from .prompts import PromptTemplate, build_prompt
 from .templates import QUESTION_GENERATION, TASK_TYPES, render_instruction, render_task_tag, template_fields
@@ -76,7 +78,7 @@ class Record:
     history: list[tuple[str, str]] = field(default_factory=list)  # earlier (question, answer) turns
     extra: dict[str, str] = field(default_factory=dict)  # other template fields, e.g. {"answer": ...} for question_generation
     negatives: list[str] = field(default_factory=list)  # captions that do NOT describe the image (stage-1 ITM)
-    regions: list[Region] = field(default_factory=list)  # boxes the answer depends on (grounding.py)
+    regions: list[Region] = field(default_factory=list)  # boxes (or "cls") the answer depends on (grounding.py)
     source: str  # "train.jsonl:17", where the record came from (errors name it)
 
 
@@ -388,10 +390,13 @@ def _regions(entry: dict, frames: list[Path]) -> list[Region]:
         raise _BadEntry("field 'regions' needs one 'image'; video frames have no regions")
     if not isinstance(regions, list):
         raise _BadEntry(f"wrong type: field 'regions' must be a list of [x0, y0, x1, y1] boxes, got {_json_type(regions)}")
-    boxes = []
+    boxes: list[Region] = []
     for i, box in enumerate(regions):
+        if box == CLS:
+            boxes.append(CLS)
+            continue
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
-            raise _BadEntry(f"wrong type: regions[{i}] must be 4 numbers [x0, y0, x1, y1], got {json.dumps(box)[:60]}")
+            raise _BadEntry(f"wrong type: regions[{i}] must be 4 numbers [x0, y0, x1, y1] or \"{CLS}\", got {json.dumps(box)[:60]}")
         x0, y0, x1, y1 = (float(v) for v in box)
         if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
             raise _BadEntry(

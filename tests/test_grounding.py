@@ -45,6 +45,21 @@ def test_a_batch_of_boxes_gives_each_box_its_own_patches():
     assert patches(masks[2, 0], 4) == {(0, 0)}  # tiny boxes in several items each keep their centre's patch
 
 
+def test_cls_marks_the_cls_token_alone_beside_the_boxes_of_its_item():
+    """A question about the whole image ("How many objects are there?") grounds on the encoder's
+    CLS token as well as on the objects: its row marks token 0 and no patch."""
+    masks = region_masks([[(0.0, 0.0, 0.5, 0.5), "cls"], ["cls"], []], 4)  # (3, 2, 17)
+    assert masks.shape == (3, 2, 17)
+    assert patches(masks[0, 0], 4) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    for row in (masks[0, 1], masks[1, 0], region_patch_mask("cls", 4)):
+        assert row[0] == 1 and row[1:].sum() == 0
+    assert masks[1, 1].sum() == 0 and masks[2].sum() == 0  # padding
+    # All attention on CLS: the CLS region has all of it, the box none.
+    on_cls = torch.zeros(3, 1, 2, 17)
+    on_cls[..., 0] = 1.0
+    assert grounding_loss([on_cls], masks).item() == pytest.approx(-math.log(1e-6) / 3, rel=1e-4)
+
+
 def test_the_loss_is_minus_log_of_the_attention_mass_on_each_region():
     grid, n = 2, 5  # 4 patches + CLS
     masks = region_masks([[(0.0, 0.0, 0.5, 0.5)], [(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)], []], grid)  # (3, 2, 5)
@@ -61,8 +76,9 @@ def test_the_loss_is_minus_log_of_the_attention_mass_on_each_region():
 
 def test_regions_are_read_checked_and_batched(tmp_path):
     [image] = write_images(tmp_path, 1)
-    good = {"image": image, "question": "where is it?", "answer": "left", "regions": [[0, 0, 0.5, 1]]}
+    good = {"image": image, "question": "where is it?", "answer": "left", "regions": [[0, 0, 0.5, 1], "cls"]}
     bad = [
+        ({"regions": ["CLS token"]}, 'regions[0] must be 4 numbers [x0, y0, x1, y1] or "cls", got "CLS token"'),
         ({"regions": [[0, 0, 1.5, 1]]}, "regions[0] = [0, 0, 1.5, 1] is not a box inside the image"),
         ({"regions": [[0.5, 0, 0.2, 1]]}, "need 0 <= x0 < x1 <= 1"),
         ({"regions": [[0, 0, 1]]}, "regions[0] must be 4 numbers"),
@@ -73,10 +89,10 @@ def test_regions_are_read_checked_and_batched(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = load_records(path, "short_vqa", skip_bad=True)
-    assert [r.regions for r in result.records] == [[(0.0, 0.0, 0.5, 1.0)]]
-    for (_, message), skipped, line in zip(bad, result.skipped, range(2, 7)):
+    assert [r.regions for r in result.records] == [[(0.0, 0.0, 0.5, 1.0), "cls"]]
+    for (_, message), skipped, line in zip(bad, result.skipped, range(2, 8)):
         assert skipped.startswith(f"{path}:{line}: ") and message in skipped, skipped
-    with pytest.raises(DataError, match=r"data.jsonl:2: regions\[0\]"):
+    with pytest.raises(DataError, match=r"data.jsonl:2: wrong type: regions\[0\]"):
         load_records(path, "short_vqa")
 
 

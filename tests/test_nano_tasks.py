@@ -524,7 +524,7 @@ def test_text_corpus_asks_some_questions_in_plain_text_as_well_as_in_instruction
 
 def test_regions_are_the_boxes_of_the_objects_the_answer_depends_on():
     """The grounding loss pulls the Q-Former's attention to these boxes, so they must be the right objects."""
-    counted = 0
+    counted = whole = 0
     for scene, rng in scenes(CLUTTERED, prefix="regions"):
         for o in scene.objects:
             x0, y0, x1, y1 = box(o)
@@ -536,11 +536,15 @@ def test_regions_are_the_boxes_of_the_objects_the_answer_depends_on():
             assert qa_record(qa, "short_vqa")["regions"] == [box(resolve(scene, asked))]
             assert "regions" not in qa_record(qa, "question_generation")  # its Q-Former reads the answer, not the question
         qa = counting_qa(scene, rng)
-        record = qa_record(qa, "counting")
-        assert len(record.get("regions", [])) == int(qa.answer)  # the counted objects, none when there are none
+        regions = qa_record(qa, "counting").get("regions", [])
+        boxes = [r for r in regions if r != "cls"]
+        assert len(boxes) == int(qa.answer)  # the counted objects, none when there are none
+        # "How many objects are there?" also reads the CLS token, which knows the number; no other question does.
+        assert regions.count("cls") == (qa.kind == "count_all")
         counted += int(qa.answer) > 0
+        whole += qa.kind == "count_all"
         qa = spatial_qa(scene, rng)
         if qa is not None and qa.kind in ("left_right", "above_below"):
             a, b = re.fullmatch(rf"Is ({REF}) (?:to the left or to the right of|above or below) ({REF})\?", qa.question).groups()
             assert qa_record(qa, "spatial")["regions"] == [box(resolve(scene, a)), box(resolve(scene, b))]
-    assert counted > N / 2
+    assert counted > N / 2 and whole > 0

@@ -428,12 +428,18 @@ def video_qa(clip: Clip, rng: random.Random) -> QA:
 def qa_record(qa: QA, task: str) -> dict:
     """{"question", "answer", "task", "kind"}, "options" for multiple choice, and "regions": the
     boxes of the objects the answer depends on (none for question generation, whose Q-Former
-    reads the answer, not a question that points at something)."""
+    reads the answer, not a question that points at something).
+
+    "How many objects are there?" also grounds on the encoder's CLS token ("cls"), which the
+    ViT's pretraining taught the number of objects (held back: 100%). Grounded on the objects
+    alone, the Q-Former gave it 0.5% of its attention and its outputs told the number in 77%
+    (linear probe, fifth-fold held out); with "cls", 12.9% and 90%, and chat counted one to
+    three objects right in 93-100% of fresh scenes instead of 80-93% (README)."""
     record = {"question": qa.question, "answer": qa.answer}
     if qa.options is not None:
         record["options"] = list(qa.options)
     if qa.about and task != "question_generation":
-        record["regions"] = [box(o) for o in qa.about]
+        record["regions"] = [box(o) for o in qa.about] + (["cls"] if qa.kind == "count_all" else [])
     return record | {"task": task, "kind": qa.kind}
 
 
