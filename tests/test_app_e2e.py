@@ -27,8 +27,9 @@ STARS = EXAMPLES / "three_yellow_stars.png"
 # answers the colour and size of a lone object, and counts one to three objects, about every
 # time; since the eighth build (grounding) it also names one object's colour among two or three
 # in 87-97% of fresh scenes (README), so the conversation asks that once too. Size comes first:
-# asked after the colour, the eleventh build calls this circle "small" (in 3 of 60 fresh one-object
-# scenes it misses a turn of size, colour, number of objects; the tenth build in 6).
+# asked after the colour, the eleventh and twelfth builds call this circle "small" (in 3 of 60
+# fresh one-object scenes the eleventh misses a turn of size, colour, number of objects; the
+# tenth build in 6).
 CONVERSATION = [
     ("What size is the circle?", CIRCLE, ["large"]),
     ("What colour is the circle?", None, ["red"]),

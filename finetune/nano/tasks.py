@@ -432,9 +432,9 @@ def qa_record(qa: QA, task: str) -> dict:
 
     "How many objects are there?" also grounds on the encoder's CLS token ("cls"), which the
     ViT's pretraining taught the number of objects (held back: 100%). Grounded on the objects
-    alone, the Q-Former gave it 0.5% of its attention and its outputs told the number in 77%
-    (linear probe, fifth-fold held out); with "cls", 12.9% and 90%, and chat counted one to
-    three objects right in 93-100% of fresh scenes instead of 80-93% (README)."""
+    alone, the instruction-tuned Q-Former gave it 0.8% of its attention on these questions and
+    its outputs told the number in 77% (linear probe, 5-fold); with "cls", 12.9% and 90%, and
+    chat counted one to three objects right in 93-100% of fresh scenes instead of 80-93% (README)."""
     record = {"question": qa.question, "answer": qa.answer}
     if qa.options is not None:
         record["options"] = list(qa.options)
