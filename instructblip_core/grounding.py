@@ -78,15 +78,17 @@ def region_masks(regions_per_item: list[list[Region]], grid: int) -> torch.Tenso
     """A batch's regions -> (B, K, 1 + grid*grid), K the most regions of any item; padding rows are all zero."""
     K = max(1, max(len(r) for r in regions_per_item))
     masks = torch.zeros(len(regions_per_item), K, 1 + grid * grid)
-    places = [(b, k) for b, regions in enumerate(regions_per_item) for k, r in enumerate(regions) if r != CLS]
-    if places:
-        b, k = torch.tensor(places).unbind(-1)
-        boxes = [r for regions in regions_per_item for r in regions if r != CLS]
-        masks[b, k, 1:] = _patches_inside(boxes, grid).float()
+    box_places, boxes = [], []
     for b, regions in enumerate(regions_per_item):
-        for k, r in enumerate(regions):
-            if r == CLS:
+        for k, region in enumerate(regions):
+            if region == CLS:
                 masks[b, k, 0] = 1.0
+            else:
+                box_places.append((b, k))
+                boxes.append(region)
+    if boxes:
+        b, k = torch.tensor(box_places).unbind(-1)
+        masks[b, k, 1:] = _patches_inside(boxes, grid).float()
     return masks
 
 

@@ -20,6 +20,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
+from instructblip_core.grounding import CLS
+
 from .phrases import (
     NUMBER_WORDS, PLURALS, RELATION_PHRASES, article, capitalise, describe, place_phrase, refer, text_phrase,
 )
@@ -439,7 +441,7 @@ def qa_record(qa: QA, task: str) -> dict:
     if qa.options is not None:
         record["options"] = list(qa.options)
     if qa.about and task != "question_generation":
-        record["regions"] = [box(o) for o in qa.about] + (["cls"] if qa.kind == "count_all" else [])
+        record["regions"] = [box(o) for o in qa.about] + ([CLS] if qa.kind == "count_all" else [])
     return record | {"task": task, "kind": qa.kind}
 
 
