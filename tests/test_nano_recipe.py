@@ -290,3 +290,26 @@ def test_steps_change_one_stage_budget_and_name_what_is_wrong(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["--steps", bad])
         assert f"expected STAGE=STEPS with STAGE one of vision, text, stage1, stage2, grounding, instruct and STEPS >= 1, got '{bad}'" in capsys.readouterr().err
+
+
+def test_the_encoders_share_of_the_cpu_is_given_back_even_when_its_training_fails():
+    """The recipe goes on to the Q-Former stages with every thread; an encoder that raised must not
+    leave the rest of the run (or a caller that catches the error) on half the CPU."""
+    from finetune.nano.side_by_side import encoder_share_of_the_cpu, threads_restored
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="diverged"):
+            with encoder_share_of_the_cpu("cpu"):
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("diverged")
+        assert torch.get_num_threads() == 2
+        with encoder_share_of_the_cpu("cuda"):  # a GPU encoder leaves the CPU threads alone
+            assert torch.get_num_threads() == 2
+        with threads_restored() as threads:  # the alone-LLM path: its schedule changes them per step
+            assert threads == 2
+            torch.set_num_threads(1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

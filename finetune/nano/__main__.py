@@ -46,7 +46,8 @@ from .evaluate import evaluate_all, write_results
 from .logbook import log_to
 from .pretrain_text import pretrained_llm
 from .pretrain_vision import pretrain_vision
-from .side_by_side import LLMPretrainingBeside, encoder_share_of_the_cpu, encoder_threads, llm_thread_schedule, switch_step
+from .side_by_side import (LLMPretrainingBeside, encoder_share_of_the_cpu, encoder_threads, llm_thread_schedule, switch_step,
+                           threads_restored)
 from .splits import QUICK_SIZES, build_splits, load_manifest
 from .stages import STAGES, run_stage
 from .tokenizers import train_llm_tokenizer, train_qformer_tokenizer
@@ -176,13 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # Alone too, the LLM keeps the thread schedule it has beside the encoder: on some machines its
         # arithmetic depends on the number of threads, and a rerun must build the same model.
-        threads = torch.get_num_threads()
-        schedule = llm_thread_schedule(budget.steps["text"], threads) if training_device() == "cpu" else None
-        try:
+        with threads_restored() as threads:
+            schedule = llm_thread_schedule(budget.steps["text"], threads) if training_device() == "cpu" else None
             llm = pretrained_llm(llm_folder, build_model.llm_config(tokenizer), tokenizer, corpus, steps=budget.steps["text"],
                                  device=training_device(), log=log, before_step=schedule)
-        finally:
-            torch.set_num_threads(threads)
     if args.until == "text":
         return 0
     base = work / "base"

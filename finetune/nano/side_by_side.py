@@ -80,15 +80,22 @@ def encoder_threads() -> int:
 
 
 @contextmanager
-def encoder_share_of_the_cpu(device: str):
-    """Torch's threads cut to `encoder_threads()` for the image encoder's training on the CPU."""
+def threads_restored():
+    """Yields torch's thread count, and sets it back to that on leaving, whatever the body set."""
     threads = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(encoder_threads())
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def encoder_share_of_the_cpu(device: str):
+    """Torch's threads cut to `encoder_threads()` for the image encoder's training on the CPU."""
+    with threads_restored():
+        if device == "cpu":
+            torch.set_num_threads(encoder_threads())
+        yield
 
 
 def _pretrain_llm_process(folder: Path, tokenizer_dir: Path, lines: list[str], steps: int, all_threads: int,
